@@ -127,7 +127,10 @@ def gm_mean(gm: GM, power: float = 1.0) -> Array:
     """Mean of the GM, sum_k softmax(p l)_k mu_k, shape `[..., C]` (§2.1)."""
     check_gm(gm)
     gm = gm.astype_compute()
-    w = jax.nn.softmax(power * gm.logweights, axis=-2)
+    if power == 1.0:  # log-weights are normalized: the same weights as gm_to_iso_gaussian, bit for bit
+        w = jnp.exp(gm.logweights)
+    else:
+        w = jax.nn.softmax(power * gm.logweights, axis=-2)
     return jnp.sum(w * gm.means, axis=-2)
 
 
