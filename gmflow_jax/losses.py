@@ -9,6 +9,8 @@ function                       spec section
 `gm_nll`                       §4.2 per-pixel GM NLL with the 1e4 inverse-std cap
 `transition_nll_loss`          §4.1 steps 5-6 + §4.2 (reverse-transition GM, flatmean, weight_scale)
 `flow_matching_l2_loss`        §4.2 "Relation to plain flow matching" / §5.9 (u-space MSE, 1/2 ||.||^2)
+`spectral_targets`             §4.3 steps 1-4 (stop-gradient Gaussian summary and Hartley residual Z)
+`spectral_loss`                §4.3 NLL of Z under N(0, e^psi) minus under N(0, 1)
 =============================  ======================================================================
 """
 
@@ -19,9 +21,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from gmflow_jax import flow
-from gmflow_jax.constants import NLL_INV_STD_EPS, NUM_TIMESTEPS, TRAIN_T_EPS
-from gmflow_jax.gm import GM, check_gm, to_compute_dtype
+from gmflow_jax import flow, transport
+from gmflow_jax.constants import NLL_INV_STD_EPS, NUM_TIMESTEPS, SPECTRAL_T_EPS, TRAIN_T_EPS
+from gmflow_jax.gm import GM, check_gm, gm_to_iso_gaussian, to_compute_dtype
 
 Array = jax.Array
 
@@ -107,3 +109,31 @@ def flow_matching_l2_loss(
     per_pixel = 0.5 * jnp.sum((u_pred - u) ** 2, axis=-1)
     per_sample = weight_scale * jnp.mean(per_pixel.reshape(per_pixel.shape[0], -1), axis=-1)
     return jnp.mean(per_sample), per_sample
+
+
+def spectral_targets(gm_u: GM, x0: Array, x_t: Array, t: Array) -> tuple[Array, Array, Array]:
+    """Stop-gradient inputs of the spectral loss: x0 Gaussian summary (m, v) and Z (§4.3 steps 1-4).
+
+    m `[B,H,W,C]`, v `[B,H,W,1]` summarize the u-GM in x0 space; the true velocity
+    u = (x_t - x0) T / max(t, 1e-6) is KR-whitened under the u-GM and Hartley-transformed to Z.
+    """
+    gm_u = jax.tree_util.tree_map(jax.lax.stop_gradient, gm_u.astype_compute())
+    x0, x_t = to_compute_dtype(x0), to_compute_dtype(x_t)
+    t = to_compute_dtype(t).reshape((-1,) + (1,) * (x0.ndim - 1))
+    m_u, v_u = gm_to_iso_gaussian(gm_u)
+    sigma = t / NUM_TIMESTEPS
+    m, v = x_t - sigma * m_u, sigma**2 * v_u
+    u = (x_t - x0) * NUM_TIMESTEPS / jnp.maximum(t, SPECTRAL_T_EPS)
+    z = transport.gm_samples_to_gaussian(gm_u, u)
+    big_z = transport.hartley(z)
+    return jax.lax.stop_gradient(m), jax.lax.stop_gradient(v), jax.lax.stop_gradient(big_z)
+
+
+def spectral_loss(big_z: Array, log_spectrum: Array, weight: float = 1.0) -> Array:
+    """L_spec = (1/2) C w mean_{B,H,W,C}[Z^2 (e^-psi - 1) + psi] (§4.3); gradients reach psi only."""
+    big_z = jax.lax.stop_gradient(to_compute_dtype(big_z))
+    psi = to_compute_dtype(log_spectrum)
+    if psi.shape != big_z.shape:
+        raise ValueError(f"log_spectrum {psi.shape} must have the shape of Z {big_z.shape}")
+    c = big_z.shape[-1]
+    return 0.5 * c * weight * jnp.mean(big_z**2 * (jnp.exp(-psi) - 1.0) + psi)
