@@ -1,0 +1,378 @@
+"""Transport between standard normal noise and a GM: 1-D inverse CDF, Knothe-Rosenblatt, Hartley.
+
+Spec `gmflow-math.md`, channel-last layout (§0.1):
+
+==============================  ================================================================
+function                        spec section
+==============================  ================================================================
+`gm1d_pdf_cdf`                  §2.9 1-D GM pdf and scaled CDF
+`gm1d_inverse_cdf`              §2.9 clamped Newton inverse of the scaled CDF
+`kr_rotation`                   §2.10 rotation V (eigenvectors of the mean covariance of §2.3)
+`gaussian_to_gm_samples`        §2.10 Knothe-Rosenblatt transport N(0, I) -> GM (axis-aligned)
+`gm_samples_to_gaussian`        §2.10 Knothe-Rosenblatt transport GM -> N(0, I) (rotated frame)
+`hartley`                       §2.11 orthonormal 2-D discrete Hartley transform
+`spectral_gm_sample`            §5.7 spectral (Hartley-correlated) sampling from a GM
+==============================  ================================================================
+
+Shapes. A GM is `GM(means [B, *P, K, C], logweights [B, *P, K, 1], logstds [B, 1, ..., 1])` with
+pixel axes `P` (usually `(H, W)`). Points handled by the KR maps are either `[B, *P, C]` (one per
+pixel) or `[B, n, *P, C]` (n per pixel: the sample axis sits right after the batch axis, as in
+§0.1). The rotation `V` is `[B, C, C]`, one per sample, columns ordered by descending eigenvalue.
+
+Precision. Everything is computed in at least float32 (bf16/fp16 inputs are promoted; float64
+inputs stay float64, which the oracle tests use). `gaussian_to_gm_samples` casts its result back to
+the dtype of `z` (the reference's `force_fp32`); every other function returns the compute dtype.
+Products with `V` use `Precision.HIGHEST` so that accelerators do not silently drop to bf16 passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from gmflow_jax.constants import ERFINV_EPS, NEWTON_MAX_STEP, NEWTON_PDF_EPS, NEWTON_STEPS
+from gmflow_jax.gm import GM, check_gm, gm_to_gaussian, to_compute_dtype
+
+Array = jax.Array
+
+_SQRT2 = math.sqrt(2.0)
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+# --------------------------------------------------------------------------------------------------
+# §2.9  1-D GM pdf, scaled CDF and inverse CDF
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_1d(means: Array, logweights: Array, logstd: Array, y: Array, y_name: str) -> None:
+    """Shape checks shared by the 1-D functions (all raise at trace time)."""
+    if means.ndim < 1:
+        raise ValueError(f"means must have shape [..., K], got a scalar of shape {means.shape}")
+    if logweights.ndim < 1 or logweights.shape[-1] not in (1, means.shape[-1]):
+        raise ValueError(
+            f"logweights must have shape [..., K] with K = {means.shape[-1]} (as means "
+            f"{means.shape}), got {logweights.shape}"
+        )
+    try:
+        jnp.broadcast_shapes(
+            means.shape,
+            logweights.shape,
+            logstd.shape + (1,),
+            y.shape + (1,),
+        )
+    except ValueError:
+        raise ValueError(
+            f"means {means.shape}, logweights {logweights.shape} ([..., K]), logstd {logstd.shape} "
+            f"and {y_name} {y.shape} ([...], no K axis) do not broadcast together"
+        ) from None
+
+
+def _pdf_cdf(
+    means: Array, logweights: Array, weights: Array, logstd: Array, std: Array, y: Array
+) -> tuple[Array, Array]:
+    """pdf and scaled CDF with precomputed weights / std; logstd and std carry a trailing K axis."""
+    d = (y[..., None] - means) / std
+    pdf = jnp.sum(jnp.exp(logweights - 0.5 * d * d - logstd), axis=-1) * math.exp(-_HALF_LOG_2PI)
+    cdf = jnp.sum(weights * jax.lax.erf(d / _SQRT2), axis=-1)
+    return pdf, cdf
+
+
+def gm1d_pdf_cdf(means: Array, logweights: Array, logstd: Array, y: Array) -> tuple[Array, Array]:
+    """pdf and scaled CDF (2F - 1) of a 1-D GM at `y` (§2.9); K is the last axis of the GM arrays.
+
+    Args:
+      means: component means `[..., K]`.
+      logweights: normalized log-weights `[..., K]`.
+      logstd: log of the shared component std, broadcastable to `[...]` (no K axis).
+      y: evaluation points `[...]`.
+
+    Returns:
+      `(pdf, scaled_cdf)`, each of the broadcast shape `[...]`.
+    """
+    means, logweights, logstd, y = map(to_compute_dtype, (means, logweights, logstd, y))
+    _check_1d(means, logweights, logstd, y, "y")
+    logstd = logstd[..., None]
+    return _pdf_cdf(means, logweights, jnp.exp(logweights), logstd, jnp.exp(logstd), y)
+
+
+def gm1d_inverse_cdf(
+    means: Array,
+    logweights: Array,
+    logstd: Array,
+    u: Array,
+    z_init: Array | None = None,
+    n_steps: int = NEWTON_STEPS,
+) -> Array:
+    """Solve scaled_cdf(y) = u for a 1-D GM by exactly `n_steps` clamped Newton steps (§2.9).
+
+    Initialization: moment-matched proxy `y0 = m + sqrt(v) z` with `z = z_init` when given (the
+    standard normal variable whose scaled CDF is `u`), else
+    `z = sqrt(2) erfinv(clip(u, -1 + 1e-6, 1 - 1e-6))`.
+    Step: `delta = (F(y) - u) / (2 max(pdf(y), 1e-6))`, clipped to `+-1.5 s`, `y <- y - delta`.
+
+    Args:
+      means: component means `[..., K]`.
+      logweights: normalized log-weights `[..., K]`.
+      logstd: log of the shared component std, broadcastable to `[...]`.
+      u: targets in (-1, 1), `[...]`.
+      z_init: optional standard-normal driver with `erf(z_init / sqrt 2) = u`, `[...]`.
+      n_steps: number of Newton iterations (a static Python int >= 0).
+
+    Returns:
+      `y`, the broadcast shape `[...]`.
+    """
+    if not isinstance(n_steps, int) or n_steps < 0:
+        raise ValueError(f"n_steps must be a non-negative Python int, got {n_steps!r}")
+    means, logweights, logstd, u = map(to_compute_dtype, (means, logweights, logstd, u))
+    _check_1d(means, logweights, logstd, u, "u")
+    if z_init is None:
+        z = _SQRT2 * jax.scipy.special.erfinv(jnp.clip(u, -1.0 + ERFINV_EPS, 1.0 - ERFINV_EPS))
+    else:
+        z = to_compute_dtype(z_init)
+        try:
+            jnp.broadcast_shapes(z.shape, u.shape)
+        except ValueError:
+            raise ValueError(
+                f"z_init {z.shape} must broadcast with u {u.shape} (shape [...])"
+            ) from None
+
+    logstd = logstd[..., None]
+    std = jnp.exp(logstd)
+    weights = jnp.exp(logweights)
+    proxy_mean = jnp.sum(weights * means, axis=-1)
+    proxy_var = jnp.sum(weights * (means - proxy_mean[..., None]) ** 2, axis=-1) + std[..., 0] ** 2
+    y0 = proxy_mean + jnp.sqrt(proxy_var) * z
+    shape = jnp.broadcast_shapes(y0.shape, u.shape, means.shape[:-1], logweights.shape[:-1])
+    y0 = jnp.broadcast_to(y0, shape)
+    max_step = NEWTON_MAX_STEP * std[..., 0]
+
+    def newton_step(_, y):
+        pdf, cdf = _pdf_cdf(means, logweights, weights, logstd, std, y)
+        delta = (cdf - u) / (2.0 * jnp.maximum(pdf, NEWTON_PDF_EPS))
+        delta = jnp.clip(delta, -max_step, max_step)
+        return y - delta
+
+    return jax.lax.fori_loop(0, n_steps, newton_step, y0)
+
+
+# --------------------------------------------------------------------------------------------------
+# §2.10  Knothe-Rosenblatt transport
+# --------------------------------------------------------------------------------------------------
+
+
+def kr_rotation(gm: GM) -> Array:
+    """Per-sample rotation V `[B, C, C]`: eigenvectors of the pixel-averaged covariance (§2.10).
+
+    The covariance of every pixel is the full-covariance moment match of §2.3; the average runs over
+    all pixel axes (everything between the batch axis and the K axis). Columns are ordered by
+    descending eigenvalue. Computed under stop-gradient in (at least) float32.
+    """
+    check_gm(gm)
+    if gm.means.ndim < 3:
+        raise ValueError(f"gm.means must have shape [B, ..., K, C], got {gm.means.shape}")
+    gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm.astype_compute())
+    _, cov = gm_to_gaussian(gm)  # [B, *P, C, C]
+    cov = jnp.mean(cov, axis=tuple(range(1, cov.ndim - 2)))
+    _, eigvecs = jnp.linalg.eigh(cov)
+    return jax.lax.stop_gradient(eigvecs[..., ::-1])
+
+
+def _prepare_kr(gm: GM, points: Array, rotation: Array | None, name: str):
+    """Validate, promote, add a sample axis and rotate the GM means (both KR directions)."""
+    check_gm(gm)
+    means_shape = gm.means.shape
+    if gm.means.ndim < 3:
+        raise ValueError(f"gm.means must have shape [B, ..., K, C], got {means_shape}")
+    points = jnp.asarray(points)
+    pixel_shape = means_shape[:-2] + means_shape[-1:]  # [B, *P, C]
+    if points.shape == pixel_shape:
+        has_sample_axis = False
+    elif points.ndim == len(pixel_shape) + 1 and (
+        points.shape[:1] + points.shape[2:] == pixel_shape
+    ):
+        has_sample_axis = True
+    else:
+        raise ValueError(
+            f"{name} must have shape {pixel_shape} ([B, *P, C]) or [B, n, *P, C] = "
+            f"{pixel_shape[:1] + ('n',) + pixel_shape[1:]} for gm.means {means_shape}, "
+            f"got {points.shape}"
+        )
+    num_channels = means_shape[-1]
+    if rotation is None:
+        rotation = kr_rotation(gm)
+    rotation = jax.lax.stop_gradient(to_compute_dtype(rotation))
+    if rotation.shape != (means_shape[0], num_channels, num_channels):
+        raise ValueError(
+            f"rotation must have shape [B, C, C] = {(means_shape[0], num_channels, num_channels)}, "
+            f"got {rotation.shape}"
+        )
+    gm = gm.astype_compute()
+    points = to_compute_dtype(points)
+    if not has_sample_axis:
+        points = points[:, None]
+    # Insert the sample axis into the GM: [B, 1, *P, K, C].
+    means, logweights, logstds = (f[:, None] for f in (gm.means, gm.logweights, gm.logstds))
+    v = rotation.reshape((rotation.shape[0],) + (1,) * (means.ndim - 3) + rotation.shape[1:])
+    means_rot = jnp.matmul(means, v, precision=_HIGHEST)  # rows: (V^T mu_k)^T
+    return means_rot, logweights, logstds, points, v, has_sample_axis
+
+
+def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> Array:
+    """Knothe-Rosenblatt transport of standard-normal `z` to GM samples (§2.10, axis-aligned).
+
+    Channel `a` of `z` (not rotated) drives rotated axis `a`: sequentially for a = 0..C-1, the
+    rotated coordinate solves scaled_cdf_a(y_a) = erf(z_a / sqrt 2) for the slice GM (rotated means
+    of axis a, std s, slice log-weights conditioned on y_0..y_{a-1}) with 16 Newton steps (§2.9);
+    then x = V y.
+
+    Args:
+      gm: GM with means `[B, *P, K, C]` and per-sample logstds `[B, 1, ..., 1]`.
+      z: standard-normal drivers `[B, *P, C]`, or `[B, n, *P, C]` for n samples per pixel.
+      rotation: optional V `[B, C, C]` (default `kr_rotation(gm)`), e.g. to reuse one V both ways.
+
+    Returns:
+      Samples `x` of the shape and dtype of `z`. No gradient flows (stop-gradient on all inputs).
+    """
+    out_dtype = jnp.asarray(z).dtype
+    gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm)
+    z = jax.lax.stop_gradient(z)
+    means_rot, logweights, logstds, z, v, has_sample_axis = _prepare_kr(gm, z, rotation, "z")
+    logweights = logweights[..., 0]  # [B, 1, *P, K]
+    logstd = logstds[..., 0, 0]  # [B, 1, 1.., 1] with the rank of z without C
+    std = jnp.exp(logstd)[..., None]
+    u = jax.lax.erf(z / _SQRT2)
+    num_channels = z.shape[-1]
+
+    # Sequential over the rotated axes with lax.scan (one compiled Newton loop for all C axes).
+    # Carry: sum_{j<a} ((y_j - mu_kj) / s)^2, [B, n, *P, K].
+    sq_prev0 = jnp.zeros(z.shape[:-1] + logweights.shape[-1:], z.dtype)
+
+    def kr_axis(sq_prev, inputs):
+        a, means_a, u_a, z_a = inputs  # means_a [B, 1, *P, K]; u_a, z_a [B, n, *P]
+        # Slice log-weights; l^(0) = l exactly (the log-softmax is only needed for a > 0).
+        slice_logweights = jnp.where(
+            a == 0, logweights, jax.nn.log_softmax(logweights - 0.5 * sq_prev, axis=-1)
+        )
+        y_a = gm1d_inverse_cdf(
+            means_a, slice_logweights, logstd, u_a, z_init=z_a, n_steps=NEWTON_STEPS
+        )  # [B, n, *P]
+        d = (y_a[..., None] - means_a) / std
+        return sq_prev + d * d, y_a
+
+    axes_first = (
+        jnp.arange(num_channels),
+        jnp.moveaxis(means_rot, -1, 0),
+        jnp.moveaxis(u, -1, 0),
+        jnp.moveaxis(z, -1, 0),
+    )
+    _, y_rot = jax.lax.scan(kr_axis, sq_prev0, axes_first)
+    y_rot = jnp.moveaxis(y_rot, 0, -1)  # [B, n, *P, C]
+    x = jnp.einsum("...d,...cd->...c", y_rot, v, precision=_HIGHEST)  # x = V y
+    if not has_sample_axis:
+        x = x[:, 0]
+    return jax.lax.stop_gradient(x.astype(out_dtype))
+
+
+def gm_samples_to_gaussian(gm: GM, x: Array, rotation: Array | None = None) -> Array:
+    """Knothe-Rosenblatt transport of GM samples `x` to N(0, I), in the rotated frame (§2.10).
+
+    `x~ = V^T x`, `d_ka = (x~_a - mu~_ka) / s`, slice weights `w^(a)` conditioned on
+    `x~_0..x~_{a-1}`, and
+    `z_a = sqrt(2) erfinv(clip(sum_k w^(a)_k erf(d_ka / sqrt 2), +-(1 - 1e-6)))`.
+    With the same V this inverts `gaussian_to_gm_samples` (up to Newton error and the clip).
+
+    Args:
+      gm: GM with means `[B, *P, K, C]` and per-sample logstds `[B, 1, ..., 1]`.
+      x: samples `[B, *P, C]`, or `[B, n, *P, C]`.
+      rotation: optional V `[B, C, C]` (default `kr_rotation(gm)`).
+
+    Returns:
+      `z` of the shape of `x`, in the compute dtype (at least float32); V carries no gradient.
+    """
+    means_rot, logweights, logstds, x, v, has_sample_axis = _prepare_kr(gm, x, rotation, "x")
+    x_rot = jnp.einsum("...c,...cd->...d", x, v, precision=_HIGHEST)  # V^T x, [B, n, *P, C]
+    d = (x_rot[..., None, :] - means_rot) / jnp.exp(logstds)  # [B, n, *P, K, C]
+    sq = d * d
+    # Exclusive cumulative sum over the rotated axes: sum_{j<a} d_kj^2.
+    sq_prev = jnp.concatenate(
+        [jnp.zeros_like(sq[..., :1]), jnp.cumsum(sq[..., :-1], axis=-1)], axis=-1
+    )
+    slice_logweights = jax.nn.log_softmax(logweights - 0.5 * sq_prev, axis=-2)
+    cdf = jnp.sum(jnp.exp(slice_logweights) * jax.lax.erf(d / _SQRT2), axis=-2)
+    z = _SQRT2 * jax.scipy.special.erfinv(jnp.clip(cdf, -1.0 + ERFINV_EPS, 1.0 - ERFINV_EPS))
+    if not has_sample_axis:
+        z = z[:, 0]
+    return z
+
+
+# --------------------------------------------------------------------------------------------------
+# §2.11  Hartley transform, §5.7 spectral sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def hartley(z: Array, axes: tuple[int, int] = (-3, -2)) -> Array:
+    """Orthonormal 2-D discrete Hartley transform Re(FFT2) + Im(FFT2) over `axes` (§2.11).
+
+    It is orthogonal and self-inverse.
+
+    The default axes are the spatial axes (H, W) of a channel-last `[..., H, W, C]` field.
+    """
+    z = to_compute_dtype(z)
+    if len(axes) != 2:
+        raise ValueError(f"axes must name exactly two axes, got {axes!r}")
+    for ax in axes:
+        if not -z.ndim <= ax < z.ndim:
+            raise ValueError(f"axes {axes!r} out of range for an input of shape {z.shape}")
+    if jnp.issubdtype(z.dtype, jnp.complexfloating):
+        raise ValueError(f"z must be real, got dtype {z.dtype}")
+    zf = jnp.fft.fft2(z, axes=axes, norm="ortho")
+    return (zf.real + zf.imag).astype(z.dtype)
+
+
+def spectral_gm_sample(
+    key: Array, gm: GM, log_spectrum: Array, n_samples: int | None = None
+) -> Array:
+    """Sample from the GM with pixels correlated through a frequency spectrum (§5.7).
+
+    `S ~ N(0, 1)`, `S <- S exp(psi / 2)`, `z = hartley(S)` over (H, W) per channel, then
+    `x0 = gaussian_to_gm_samples(gm, z)`.
+
+    Args:
+      key: PRNG key.
+      gm: GM with means `[B, H, W, K, C]` and logstds `[B, 1, 1, 1, 1]`.
+      log_spectrum: psi, the log-variance per frequency and channel, broadcastable to
+        `[B, H, W, C]`.
+      n_samples: None for one sample per GM (`[B, H, W, C]`), else n (`[B, n, H, W, C]`).
+
+    Returns:
+      Samples in float32 (the compute dtype), `[B, H, W, C]` or `[B, n, H, W, C]`.
+    """
+    check_gm(gm)
+    if gm.means.ndim != 5:
+        raise ValueError(f"gm.means must have shape [B, H, W, K, C], got {gm.means.shape}")
+    b, h, w, _, c = gm.means.shape
+    log_spectrum = to_compute_dtype(log_spectrum)
+    bad_shape = log_spectrum.ndim > 4
+    try:
+        jnp.broadcast_shapes(log_spectrum.shape, (b, h, w, c))
+    except ValueError:
+        bad_shape = True
+    if bad_shape:
+        raise ValueError(
+            f"log_spectrum must broadcast to [B, H, W, C] = {(b, h, w, c)} (at most 4 dims), "
+            f"got {log_spectrum.shape}"
+        )
+    if n_samples is None:
+        shape = (b, h, w, c)
+    else:
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be None or a positive int, got {n_samples!r}")
+        shape = (b, n_samples, h, w, c)
+        log_spectrum = jnp.broadcast_to(log_spectrum, (b, h, w, c))[:, None]
+    dtype = jnp.promote_types(log_spectrum.dtype, jnp.float32)
+    noise = jax.random.normal(key, shape, dtype) * jnp.exp(0.5 * log_spectrum)
+    z = hartley(noise, axes=(-3, -2))
+    return gaussian_to_gm_samples(gm, z)
