@@ -33,7 +33,7 @@ from gmflow_jax.constants import (
     SIGMA_LOG_EPS,
     TRANSITION_EPS,
 )
-from gmflow_jax.gm import GM, check_gm, to_compute_dtype
+from gmflow_jax.gm import GM, _check_point, check_gm, to_compute_dtype
 
 Array = jax.Array
 
@@ -131,6 +131,7 @@ def u_to_x0(gm_u: GM, x_t: Array, t) -> GM:
     check_gm(gm_u, "gm_u")
     gm_u = gm_u.astype_compute()
     x_t = to_compute_dtype(x_t)
+    _check_point(x_t, gm_u, "x_t")
     sigma, _ = sigma_alpha(_per_sample(t, gm_u.means.ndim))
     means = x_t[..., None, :] - sigma * gm_u.means
     logstds = gm_u.logstds + jnp.log(jnp.maximum(sigma, SIGMA_LOG_EPS))
@@ -162,6 +163,7 @@ def reverse_transition_gm(gm: GM, x_t: Array, t, t_to, prediction: str = "u") ->
     check_gm(gm)
     gm = gm.astype_compute()
     x_t = to_compute_dtype(x_t)
+    _check_point(x_t, gm, "x_t")
     ndim = gm.means.ndim
     sigma, _ = sigma_alpha(_per_sample(t, ndim))
     sigma_to, _ = sigma_alpha(_per_sample(t_to, ndim))
@@ -204,6 +206,7 @@ def _retarget_parts(gm_x0: GM, x_src, t_src, x_tgt, t_tgt):
     x_src, x_tgt = to_compute_dtype(x_src), to_compute_dtype(x_tgt)
     if x_src.shape != x_tgt.shape:
         raise ValueError(f"x_src {x_src.shape} and x_tgt {x_tgt.shape} must have the same shape")
+    _check_point(x_src, gm, "x_src")
     ndim = gm.means.ndim
     sigma_src, _ = sigma_alpha(_per_sample(t_src, ndim))
     sigma_tgt, _ = sigma_alpha(_per_sample(t_tgt, ndim))

@@ -104,6 +104,7 @@ def flow_matching_l2_loss(
     u_pred, x0, x_t = map(to_compute_dtype, (u_pred, x0, x_t))
     if u_pred.shape != x0.shape:
         raise ValueError(f"u_pred {u_pred.shape} must have the shape of x0 {x0.shape}")
+    t = jnp.asarray(t)
     sigma, _ = flow.sigma_alpha(t.reshape(t.shape + (1,) * (x0.ndim - 1)))
     u = (x_t - x0) / sigma
     per_pixel = 0.5 * jnp.sum((u_pred - u) ** 2, axis=-1)
