@@ -33,7 +33,14 @@ from gmflow_jax.constants import (
     SIGMA_LOG_EPS,
     TRANSITION_EPS,
 )
-from gmflow_jax.gm import GM, _check_point, check_gm, to_compute_dtype
+from gmflow_jax.gm import (
+    GM,
+    axis_log_softmax,
+    axis_sum,
+    check_gm,
+    check_point,
+    to_compute_dtype,
+)
 
 Array = jax.Array
 
@@ -131,7 +138,7 @@ def u_to_x0(gm_u: GM, x_t: Array, t) -> GM:
     check_gm(gm_u, "gm_u")
     gm_u = gm_u.astype_compute()
     x_t = to_compute_dtype(x_t)
-    _check_point(x_t, gm_u, "x_t")
+    check_point(x_t, gm_u, "x_t")
     sigma, _ = sigma_alpha(_per_sample(t, gm_u.means.ndim))
     means = x_t[..., None, :] - sigma * gm_u.means
     logstds = gm_u.logstds + jnp.log(jnp.maximum(sigma, SIGMA_LOG_EPS))
@@ -163,7 +170,7 @@ def reverse_transition_gm(gm: GM, x_t: Array, t, t_to, prediction: str = "u") ->
     check_gm(gm)
     gm = gm.astype_compute()
     x_t = to_compute_dtype(x_t)
-    _check_point(x_t, gm, "x_t")
+    check_point(x_t, gm, "x_t")
     ndim = gm.means.ndim
     sigma, _ = sigma_alpha(_per_sample(t, ndim))
     sigma_to, _ = sigma_alpha(_per_sample(t_to, ndim))
@@ -206,7 +213,7 @@ def _retarget_parts(gm_x0: GM, x_src, t_src, x_tgt, t_tgt):
     x_src, x_tgt = to_compute_dtype(x_src), to_compute_dtype(x_tgt)
     if x_src.shape != x_tgt.shape:
         raise ValueError(f"x_src {x_src.shape} and x_tgt {x_tgt.shape} must have the same shape")
-    _check_point(x_src, gm, "x_src")
+    check_point(x_src, gm, "x_src")
     ndim = gm.means.ndim
     sigma_src, _ = sigma_alpha(_per_sample(t_src, ndim))
     sigma_tgt, _ = sigma_alpha(_per_sample(t_tgt, ndim))
@@ -214,7 +221,7 @@ def _retarget_parts(gm_x0: GM, x_src, t_src, x_tgt, t_tgt):
     s2 = jnp.exp(2.0 * gm.logstds)
     norm = jnp.maximum(g_v + s2, RETARGET_EPS)
     means = (g_v * gm.means + s2 * g_m) / norm
-    sq = jnp.sum((gm.means - g_m) ** 2, axis=-1, keepdims=True)
+    sq = axis_sum((gm.means - g_m) ** 2, -1, keepdims=True)
     logits = gm.logweights - sq / (2.0 * norm)
     return gm, means, logits, g_v, norm
 
@@ -223,11 +230,11 @@ def retarget_gm(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> GM:
     """The x0-GM predicted at (x_src, t_src) re-targeted to (x_tgt, t_tgt < t_src) (§3.4, fused §2.5)."""
     gm, means, logits, g_v, norm = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
     logstds = gm.logstds + 0.5 * jnp.log(g_v) - 0.5 * jnp.log(norm)
-    return GM(means, jax.nn.log_softmax(logits, axis=-2), logstds)
+    return GM(means, axis_log_softmax(logits, -2), logstds)
 
 
 def retarget_mean(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> Array:
     """E[x0 | x_tgt] under the x0-GM predicted at (x_src, t_src), shape `[..., C]` (§3.4)."""
     _, means, logits, _, _ = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
-    w = jax.nn.softmax(logits, axis=-2)
-    return jnp.sum(w * means, axis=-2)
+    w = jnp.exp(axis_log_softmax(logits, -2))
+    return axis_sum(w * means, -2)

@@ -23,7 +23,14 @@ import jax.numpy as jnp
 
 from gmflow_jax import flow, transport
 from gmflow_jax.constants import NLL_INV_STD_EPS, NUM_TIMESTEPS, SPECTRAL_T_EPS, TRAIN_T_EPS
-from gmflow_jax.gm import GM, check_gm, gm_to_iso_gaussian, to_compute_dtype
+from gmflow_jax.gm import (
+    GM,
+    axis_logsumexp,
+    axis_sum,
+    check_gm,
+    gm_to_iso_gaussian,
+    to_compute_dtype,
+)
 
 Array = jax.Array
 
@@ -69,9 +76,9 @@ def gm_nll(gm: GM, x: Array) -> Array:
         )
     kappa = jnp.minimum(jnp.exp(-gm.logstds), 1.0 / NLL_INV_STD_EPS)
     c = gm.num_channels
-    sq = jnp.sum(((gm.means - x[..., None, :]) * kappa) ** 2, axis=-1, keepdims=True)
+    sq = axis_sum(((gm.means - x[..., None, :]) * kappa) ** 2, -1, keepdims=True)
     logits = gm.logweights - 0.5 * sq - c * gm.logstds
-    return -jax.nn.logsumexp(logits[..., 0], axis=-1)
+    return -axis_logsumexp(logits[..., 0], -1)
 
 
 def transition_nll_loss(
