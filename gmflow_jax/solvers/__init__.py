@@ -122,8 +122,21 @@ def _as_f32(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), tree)
 
 
+def _lift(params):
+    """Re-bind closed-over params inside the current trace (a no-op for XLA).
+
+    The network runs inside `lax.scan` bodies and `jax.eval_shape`; NNX's own `nnx.scan` over stacked
+    blocks refuses variables holding tracers of an outer trace, so the params enter each inner trace
+    through one element-wise op.
+    """
+    return jax.tree_util.tree_map(
+        lambda a: a + jnp.zeros((), a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, params
+    )
+
+
 def _evaluate(denoiser, params, x, t, labels, cfg: SolverConfig):
     """Network call at scalar time t; returns (cond output, uncond output or None), float32."""
+    params = _lift(params)
     batch = x.shape[0]
     t_batch = jnp.full((batch,), t, jnp.float32)
     if not cfg.guided:
@@ -203,7 +216,7 @@ def _gm_sample_loop(denoiser, params, key, noise, labels, cfg, scale, spectrum):
             if cfg.spectral:
                 from gmflow_jax import transport
 
-                psi = spectrum(params, gaussian[0], gaussian[1]).astype(jnp.float32)
+                psi = spectrum(_lift(params), gaussian[0], gaussian[1]).astype(jnp.float32)
                 x0_hat = transport.spectral_gm_sample(k_sample, gm, psi)
             else:
                 x0_hat = gmlib.gm_sample(k_sample, gm)

@@ -1,0 +1,578 @@
+"""GMFlowPipeline: class-conditional image sampling with a GM-DiT (spec §5.2, §5.7, §7 defaults).
+
+```python
+from gmflow_jax.pipeline import GMFlowPipeline
+
+pipe = GMFlowPipeline.from_official("gmflow_imagenet_k8_ema")  # raw diffusers folder or converted
+images = pipe(pipe.get_label_ids(["jay", "magpie"]), guidance_scale=0.45, num_steps=32,
+              num_substeps=4, solver="gm_ode2", seed=42)  # uint8 [2, 256, 256, 3]
+```
+
+==============================  ==============================================================
+name                            what it is
+==============================  ==============================================================
+`GMFlowPipeline.from_official`  the official checkpoint (`gmflow_jax.official`): a folder written
+                                by `tools/convert_official_checkpoint.py`, or the raw diffusers
+                                folder (converted in memory)
+`GMFlowPipeline.from_checkpoint`  EMA parameters of one of our training runs (orbax, the newest
+                                step) with the run's `config.json` (below)
+`GMFlowPipeline.__call__`       labels (ints or ImageNet words) -> uint8 images `[N, H, W, 3]`
+                                when a VAE is loaded, else float32 latents `[N, h, w, C]`
+`get_label_ids`                 ImageNet words -> class indices (any comma-separated synonym of
+                                `gmflow_jax/data/imagenet_classes.txt`, case-insensitive)
+==============================  ==============================================================
+
+Solvers (`solver=`), each one jitted `gmflow_jax.solvers.sample` call over the whole batch:
+
+==================  ==========================================================================
+name                sampler
+==================  ==========================================================================
+`gm_ode2`           GM-ODE 2: Euler on the GM mean, 2nd order (§5.5), `num_substeps` analytic
+                    substeps (§5.6); default substeps ceil(128 / num_steps) (4 for 32 steps,
+                    16 for 8: the §7 evaluation pairs)
+`gm_ode`            GM-ODE (1st order), substeps as above
+`gm_sde2`           GM-SDE 2: GM-SDE scheduler in sample mode, 2nd order; spectral sampling
+                    (§5.7) when a SpectrumMLP is loaded; 1 substep
+`gm_sde`            GM-SDE (1st order), spectral as above
+`euler`,            baselines on the GM mean (§5.1, §5.9): Euler ODE, DDPM small/large variance,
+`ddpm_small`,       DPM-Solver++(2M) and SDE-DPM-Solver++(2M); unguided only (probabilistic
+`ddpm_large`,       guidance needs a GM solver)
+`dpmpp_2m`,
+`dpmpp_2m_sde`
+==================  ==========================================================================
+
+Guidance is probabilistic guidance (§5.3) with scale `w` in [0, 1) (0 disables it); the
+unconditional label is `num_classes` (the null row of the label table). Random streams: with
+`key = PRNGKey(seed)` and `noise_key, sample_key = split(key)`, the initial noise is
+`normal(noise_key, [N, h, w, C])` for the whole batch, and chunk j of a `batch_size`-chunked call
+uses `fold_in(sample_key, j)` (one chunk: j = 0); GM-ODE results are therefore independent of
+`batch_size`, GM-SDE results are not.
+
+`from_checkpoint(path)`: `path` is a training workdir holding `checkpoints/` or the checkpoint
+directory itself (numbered orbax steps, item "state" = the `TrainState`). The GM-DiT config is not
+saved by the training loop, so the run's `config.json` is read from the workdir (or the checkpoint
+directory), or passed as `config=` (a dict or a path):
+
+```json
+{
+  "model": {"num_layers": 28, "hidden_size": 1152, "num_heads": 16, "patch_size": 2,
+            "in_channels": 4, "sample_size": 32, "num_gaussians": 8, "num_classes": 1000,
+            "logstd_inner_dim": 1024, "scan_blocks": false},
+  "spectrum_net": {"base_size": [4, 32, 32], "layers": [64, 8]},
+  "vae": "vae"
+}
+```
+
+`model` holds `GMDiTConfig` fields (omitted ones take their defaults); `spectrum_net` (optional)
+means the checkpoint's `ema_params` is `{"denoiser": <GM-DiT state>, "spectrum_net": <SpectrumMLP
+state>}`, otherwise `ema_params` is the GM-DiT state itself; `vae` (optional) is a VAE folder
+(converted, or diffusers), relative to the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.resources
+import json
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gmflow_jax import solvers
+from gmflow_jax.checkpoint import restore_weights
+from gmflow_jax.models.gm_dit import GMDiT
+from gmflow_jax.models.spectrum_mlp import SpectrumMLP
+from gmflow_jax.models.vae import AutoencoderKL, latents_to_images
+from gmflow_jax.official import gm_dit_config_from_dict, load_official, load_vae_folder
+
+Array = jax.Array
+
+SOLVER_NAMES: dict[str, tuple[str, int]] = {
+    "gm_ode2": ("gm_ode", 2),
+    "gm_sde2": ("gm_sde", 2),
+    "gm_ode": ("gm_ode", 1),
+    "gm_sde": ("gm_sde", 1),
+    "euler": ("euler", 1),
+    "ddpm_small": ("ddpm_small", 1),
+    "ddpm_large": ("ddpm_large", 1),
+    "dpmpp_2m": ("dpmpp_2m", 1),
+    "dpmpp_2m_sde": ("dpmpp_2m_sde", 1),
+}
+"""Pipeline solver name -> (`solvers.SolverConfig.solver`, order)."""
+
+DEFAULT_GUIDANCE_SCALE = 0.45
+"""Pipeline/README default probabilistic guidance scale (§7)."""
+
+DEFAULT_NUM_STEPS = 32
+"""Pipeline/README default number of outer steps (§7)."""
+
+OUTPUT_TYPES = ("auto", "images", "latents")
+"""`output_type` values: "auto" = images when a VAE is loaded, else latents."""
+
+CONFIG_NAME = "config.json"
+"""File name of a training run's pipeline config (module docstring)."""
+
+CHECKPOINT_SUBDIR = "checkpoints"
+"""Sub-folder of a workdir holding the orbax checkpoints (as `train.loop` writes them)."""
+
+IMAGENET_CLASSES_FILE = "imagenet_classes.txt"
+"""The 1000 ImageNet-1k class names in `gmflow_jax/data/`, index = line number."""
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet class names
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _imagenet_class_names() -> tuple[str, ...]:
+    """The shipped class-name file as a tuple (cached)."""
+    resource = importlib.resources.files("gmflow_jax.data").joinpath(IMAGENET_CLASSES_FILE)
+    if not resource.is_file():
+        raise FileNotFoundError(
+            f"gmflow_jax/data/{IMAGENET_CLASSES_FILE} is missing from this installation (the "
+            "package data was not installed); reinstall gmflow_jax, or pass integer labels"
+        )
+    text = resource.read_text(encoding="utf-8")
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if len(names) != 1000:
+        raise ValueError(f"{IMAGENET_CLASSES_FILE} must list 1000 classes, found {len(names)}")
+    return names
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names (standard synset order), e.g. index 0 "tench, Tinca tinca"."""
+    return list(_imagenet_class_names())
+
+
+def _normalize(word: str) -> str:
+    """Case- and whitespace-insensitive form of a class name."""
+    return " ".join(word.split()).lower()
+
+
+@functools.lru_cache(maxsize=8)
+def _synonym_index(class_names: tuple[str, ...]) -> dict[str, tuple[tuple[int, bool], ...]]:
+    """Normalized synonym -> ((class id, is the class's first name), ...)."""
+    index: dict[str, list[tuple[int, bool]]] = {}
+    for i, name in enumerate(class_names):
+        for j, synonym in enumerate(name.split(",")):
+            key = _normalize(synonym)
+            if key:
+                index.setdefault(key, []).append((i, j == 0))
+    return {k: tuple(v) for k, v in index.items()}
+
+
+def label_ids_from_words(words: str | Sequence[str], class_names: Sequence[str]) -> list[int]:
+    """Class indices of `words`: each must equal (case-insensitively) one comma-separated synonym.
+
+    A synonym shared by several classes resolves to the one class whose first name it is, else
+    raises (e.g. "crane": the bird 134 or the machine 517). Unknown words raise with close matches.
+    """
+    if isinstance(words, str):
+        words = [words]
+    names = tuple(class_names)
+    index = _synonym_index(names)
+    ids = []
+    for word in words:
+        if not isinstance(word, str):
+            raise ValueError(f"words must be strings, got {word!r} ({type(word).__name__})")
+        entries = index.get(_normalize(word))
+        if not entries:
+            close = difflib.get_close_matches(_normalize(word), list(index), n=5, cutoff=0.6)
+            hint = f"; did you mean {close}?" if close else "; see the pipeline's class_names"
+            raise ValueError(f"unknown class name {word!r}{hint}")
+        candidates = sorted({i for i, _ in entries})
+        primary = sorted({i for i, first in entries if first})
+        if len(candidates) > 1 and len(primary) != 1:
+            listed = ", ".join(f"{i} ({names[i]!r})" for i in candidates)
+            raise ValueError(
+                f"class name {word!r} is ambiguous: {listed}; pass the class index or a more "
+                "specific name"
+            )
+        ids.append(candidates[0] if len(candidates) == 1 else primary[0])
+    return ids
+
+
+# --------------------------------------------------------------------------------------------
+# Static seams for the jitted sampler and decoder
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Component:
+    """Call a network from its graphdef on `params[name]`; hashable (a static jit argument)."""
+
+    graphdef: nnx.GraphDef
+    name: str
+
+    def __call__(self, params: Mapping[str, Any], *args: Array) -> Any:
+        """Evaluate the network on `params[name]` with positional inputs `args`."""
+        state = params[self.name]
+        return nnx.merge(self.graphdef, state)(*args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: Array) -> Array:
+    """§4.8 latents -> uint8 images with the VAE `(graphdef, state)`."""
+    return latents_to_images(nnx.merge(graphdef, state), latents)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (Python or NumPy)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    """`value` as an int >= 1, else ValueError naming `name`."""
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline
+# --------------------------------------------------------------------------------------------
+
+
+class GMFlowPipeline:
+    """A GM-DiT (+ optional SpectrumMLP and VAE) that turns class labels into samples (§5.2)."""
+
+    def __init__(
+        self,
+        model: GMDiT,
+        spectrum_net: SpectrumMLP | None = None,
+        vae: AutoencoderKL | None = None,
+        *,
+        class_names: Sequence[str] | None = None,
+    ):
+        """Wrap loaded networks; `class_names` defaults to ImageNet's for a 1000-class model."""
+        if not isinstance(model, GMDiT):
+            raise ValueError(f"model must be a GMDiT, got {type(model).__name__}")
+        if model.config.mean_only:
+            raise ValueError("model must be a GM-DiT with a GM head, got a mean_only model")
+        self.config = model.config
+        c, s = self.config.in_channels, self.config.sample_size
+        if spectrum_net is not None:
+            bc, bh, bw = spectrum_net.base_size
+            if bc != c or not ((bh, bw) == (s, s) or (s < bh and s < bw)):
+                raise ValueError(
+                    f"spectrum_net base_size {spectrum_net.base_size} does not fit latents "
+                    f"[{s}, {s}, {c}]: channels must match and the size must be <= the base"
+                )
+        if vae is not None and vae.config.latent_channels != c:
+            raise ValueError(
+                f"vae latent_channels={vae.config.latent_channels} differs from the model's "
+                f"in_channels={c}"
+            )
+        model_graphdef, model_state = nnx.split(model)
+        self._denoiser = _Component(model_graphdef, "denoiser")
+        self.params: dict[str, Any] = {"denoiser": model_state, "spectrum_net": None}
+        self._spectrum = None
+        if spectrum_net is not None:
+            spec_graphdef, spec_state = nnx.split(spectrum_net)
+            self._spectrum = _Component(spec_graphdef, "spectrum_net")
+            self.params["spectrum_net"] = spec_state
+        self._vae = nnx.split(vae) if vae is not None else None
+        if class_names is not None and len(class_names) != self.config.num_classes:
+            raise ValueError(
+                f"class_names has {len(class_names)} entries, the model has "
+                f"{self.config.num_classes} classes"
+            )
+        self._class_names = list(class_names) if class_names is not None else None
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_official(
+        cls,
+        path: str,
+        *,
+        variant: str | None = None,
+        dtype: Any = "float32",
+        scan_blocks: bool = True,
+        with_vae: bool = True,
+    ) -> GMFlowPipeline:
+        """The official checkpoint: a converted folder, or the raw diffusers folder (converted here).
+
+        `variant` picks the raw weights file ("bf16": `diffusion_pytorch_model.bf16.safetensors`),
+        `dtype` the compute dtype (parameters stay float32), `scan_blocks` the block layout.
+        """
+        models = load_official(
+            path, variant=variant, scan_blocks=scan_blocks, dtype=dtype, with_vae=with_vae
+        )
+        return cls(models.transformer, models.spectrum_net, models.vae)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str,
+        *,
+        config: Mapping[str, Any] | str | None = None,
+        vae: AutoencoderKL | str | None = None,
+        dtype: Any | None = None,
+    ) -> GMFlowPipeline:
+        """EMA parameters of the newest step of one of our training runs (module docstring).
+
+        `path`: a workdir holding `checkpoints/`, or the checkpoint directory. `config`: the run's
+        pipeline config (a dict or a JSON path; default `config.json` in the workdir, then in the
+        checkpoint directory). `vae`: a module or a VAE folder, overriding the config's entry.
+        `dtype` overrides the compute dtype.
+        """
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"checkpoint path {path!r} is not a directory")
+        sub = os.path.join(path, CHECKPOINT_SUBDIR)
+        ckpt_dir, workdir = (sub, path) if os.path.isdir(sub) else (path, os.path.dirname(path))
+        config_dir = workdir
+        if config is None:
+            candidates = [os.path.join(workdir, CONFIG_NAME), os.path.join(ckpt_dir, CONFIG_NAME)]
+            found = [p for p in candidates if os.path.isfile(p)]
+            if not found:
+                raise FileNotFoundError(
+                    f"no run config found: looked for {candidates}; write the run's config.json "
+                    "(see gmflow_jax.pipeline's docstring) or pass config="
+                )
+            config = found[0]
+        if isinstance(config, str):
+            config_dir = os.path.dirname(os.path.abspath(config))
+            with open(config) as f:
+                config = json.load(f)
+        if not isinstance(config, Mapping) or "model" not in config:
+            raise ValueError(
+                "config must be a mapping with a 'model' entry (GMDiTConfig fields), got "
+                f"{type(config).__name__} with keys {sorted(config) if isinstance(config, Mapping) else []}"
+            )
+        overrides = {"remat": False}
+        if dtype is not None:
+            overrides["dtype"] = dtype
+        model_cfg = gm_dit_config_from_dict(config["model"], **overrides)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GMDiT(model_cfg, rngs=nnx.Rngs(0))))
+        spec_cfg = config.get("spectrum_net")
+        spec_dtype = model_cfg.dtype
+        if spec_cfg:
+            spec_graphdef, spec_abstract = nnx.split(
+                nnx.eval_shape(
+                    lambda: SpectrumMLP(
+                        spec_cfg["base_size"],
+                        spec_cfg["layers"],
+                        dtype=spec_dtype,
+                        rngs=nnx.Rngs(0),
+                    )
+                )
+            )
+            target = {"ema_params": {"denoiser": abstract, "spectrum_net": spec_abstract}}
+        else:
+            target = {"ema_params": abstract}
+        weights, _ = restore_weights(ckpt_dir, target)
+        ema = weights["ema_params"]
+        spectrum = None
+        if spec_cfg:
+            model = nnx.merge(graphdef, ema["denoiser"])
+            spectrum = nnx.merge(spec_graphdef, ema["spectrum_net"])
+        else:
+            model = nnx.merge(graphdef, ema)
+        if vae is None and config.get("vae"):
+            vae = os.path.join(config_dir, config["vae"])
+        if isinstance(vae, str):
+            vae = load_vae_folder(vae, dtype=model_cfg.dtype)
+        return cls(model, spectrum, vae)
+
+    # -- labels -------------------------------------------------------------------------------
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Names of the classes: the given ones, ImageNet's for a 1000-class model, else None."""
+        if self._class_names is None and self.config.num_classes == 1000:
+            self._class_names = imagenet_class_names()
+        return self._class_names
+
+    def get_label_ids(self, words: str | Sequence[str]) -> list[int]:
+        """Class indices of ImageNet words (any comma-separated synonym, case-insensitive)."""
+        if self.class_names is None:
+            raise ValueError(
+                f"this model has {self.config.num_classes} classes and no class_names; pass "
+                "integer labels"
+            )
+        return label_ids_from_words(words, self.class_names)
+
+    def _labels(self, class_labels: Any) -> np.ndarray:
+        """Ints and/or words -> int32 labels `[N]`, checked against the class range."""
+        if isinstance(class_labels, np.ndarray | jax.Array):
+            class_labels = np.asarray(class_labels).reshape(-1).tolist()
+        elif isinstance(class_labels, str) or _is_int(class_labels):
+            class_labels = [class_labels]
+        class_labels = list(class_labels)
+        if not class_labels:
+            raise ValueError("class_labels is empty; pass at least one label")
+        ids = []
+        for label in class_labels:
+            if isinstance(label, str):
+                ids.extend(self.get_label_ids([label]))
+            elif _is_int(label) and 0 <= label < self.config.num_classes:
+                ids.append(int(label))
+            else:
+                raise ValueError(
+                    f"class label {label!r} must be a class name or an integer in "
+                    f"[0, {self.config.num_classes})"
+                )
+        return np.asarray(ids, np.int32)
+
+    # -- sampling -----------------------------------------------------------------------------
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """`(h, w, C)` of one latent."""
+        s = self.config.sample_size
+        return (s, s, self.config.in_channels)
+
+    @property
+    def has_vae(self) -> bool:
+        """Whether a VAE is loaded (then the default output is uint8 images)."""
+        return self._vae is not None
+
+    def solver_config(
+        self,
+        solver: str = "gm_ode2",
+        num_steps: int = DEFAULT_NUM_STEPS,
+        num_substeps: int | None = None,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        *,
+        orthogonal_guidance: float = 1.0,
+        shift: float = 1.0,
+        spectral: bool | None = None,
+    ) -> solvers.SolverConfig:
+        """The validated `SolverConfig` a call with these arguments runs (module docstring)."""
+        if solver not in SOLVER_NAMES:
+            close = difflib.get_close_matches(str(solver), list(SOLVER_NAMES), n=3, cutoff=0.5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise ValueError(f"unknown solver {solver!r}{hint} Allowed: {', '.join(SOLVER_NAMES)}")
+        base, order = SOLVER_NAMES[solver]
+        num_steps = _check_positive_int("num_steps", num_steps)
+        if num_substeps is None:
+            num_substeps = solvers.default_substeps(num_steps) if base == "gm_ode" else 1
+        num_substeps = _check_positive_int("num_substeps", num_substeps)
+        if num_substeps > 1 and base != "gm_ode":
+            raise ValueError(
+                f"num_substeps={num_substeps} > 1 needs a GM-ODE solver ('gm_ode2', 'gm_ode'), "
+                f"got solver={solver!r}"
+            )
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number in [0, 1)")
+        w = float(guidance_scale)
+        if not (math.isfinite(w) and 0.0 <= w < 1.0):
+            raise ValueError(
+                f"guidance_scale={guidance_scale!r} must be in [0, 1) (probabilistic guidance; "
+                "0 disables it; it is not a CFG scale)"
+            )
+        if w > 0 and base not in solvers.GM_SOLVERS:
+            raise ValueError(
+                f"guidance_scale={w} needs a GM solver (gm_ode2, gm_sde2, gm_ode, gm_sde); the "
+                f"baseline solver {solver!r} runs unguided only (guidance_scale=0)"
+            )
+        if spectral is None:
+            spectral = base == "gm_sde" and self._spectrum is not None
+        if spectral and self._spectrum is None:
+            raise ValueError("spectral=True needs a SpectrumMLP, and none is loaded")
+        if spectral and base != "gm_sde":
+            raise ValueError(f"spectral=True needs a GM-SDE solver, got solver={solver!r}")
+        return solvers.SolverConfig(
+            solver=base,
+            num_steps=num_steps,
+            num_substeps=num_substeps,
+            order=order,
+            # Guidance on/off is static; the scale itself is passed traced (no recompiles).
+            guidance_scale=0.5 if w > 0 else 0.0,
+            orthogonal_guidance=float(orthogonal_guidance),
+            null_label=self.config.num_classes,
+            shift=float(shift),
+            spectral=bool(spectral),
+        )
+
+    def __call__(
+        self,
+        class_labels: Any,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        num_steps: int = DEFAULT_NUM_STEPS,
+        num_substeps: int | None = None,
+        solver: str = "gm_ode2",
+        seed: int = 0,
+        *,
+        output_type: str = "auto",
+        batch_size: int | None = None,
+        orthogonal_guidance: float = 1.0,
+        shift: float = 1.0,
+        spectral: bool | None = None,
+    ) -> np.ndarray:
+        """Sample one image per label: uint8 `[N, H, W, 3]` with a VAE, else latents `[N, h, w, C]`.
+
+        `class_labels`: an int, a word, or a sequence of ints / ImageNet words. `guidance_scale` in
+        [0, 1); `num_substeps` None = the solver's default; `batch_size` splits the batch into
+        equal jitted chunks (the last one padded); `spectral` None = spectral sampling for GM-SDE
+        when a SpectrumMLP is loaded. `output_type`: "auto", "images" or "latents".
+        """
+        labels = self._labels(class_labels)
+        cfg = self.solver_config(
+            solver,
+            num_steps,
+            num_substeps,
+            guidance_scale,
+            orthogonal_guidance=orthogonal_guidance,
+            shift=shift,
+            spectral=spectral,
+        )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} must be one of {OUTPUT_TYPES}")
+        if output_type == "images" and self._vae is None:
+            raise ValueError("output_type='images' needs a VAE, and none is loaded")
+        if not _is_int(seed):
+            raise ValueError(f"seed={seed!r} must be an integer")
+        n = len(labels)
+        chunk = n if batch_size is None else min(_check_positive_int("batch_size", batch_size), n)
+
+        noise_key, sample_key = jax.random.split(jax.random.PRNGKey(int(seed)))
+        noise = jax.random.normal(noise_key, (n, *self.latent_shape), jnp.float32)
+        scale = jnp.float32(guidance_scale)
+        # Pass the SpectrumMLP only when it is used: other solvers then share one compilation
+        # whether or not a spectrum net is loaded.
+        params = self.params if cfg.spectral else {"denoiser": self.params["denoiser"]}
+        spectrum = self._spectrum if cfg.spectral else None
+        latents = []
+        for j, start in enumerate(range(0, n, chunk)):
+            idx = np.arange(start, start + chunk) % n  # the last chunk is padded by wrapping
+            out = solvers.sample(
+                self._denoiser,
+                params,
+                jax.random.fold_in(sample_key, j),
+                noise[idx],
+                jnp.asarray(labels[idx]),
+                cfg,
+                scale,
+                spectrum,
+            )
+            latents.append(np.asarray(out)[: min(chunk, n - start)])
+        latents = np.concatenate(latents)
+        if output_type == "latents" or (output_type == "auto" and self._vae is None):
+            return latents
+        graphdef, state = self._vae
+        images = [
+            np.asarray(
+                _decode(graphdef, state, jnp.asarray(_pad_to(latents[s : s + chunk], chunk)))
+            )
+            for s in range(0, n, chunk)
+        ]
+        return np.concatenate(images)[:n]
+
+
+def _pad_to(x: np.ndarray, size: int) -> np.ndarray:
+    """Pad the leading axis of `x` to `size` by repeating its first rows (one compiled shape)."""
+    if len(x) == size:
+        return x
+    return np.concatenate([x, x[np.arange(size - len(x)) % len(x)]])
