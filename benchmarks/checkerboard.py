@@ -1,0 +1,238 @@
+"""Checkerboard benchmark: GMFlow (K=64) vs the flow-matching baseline at the same budget, plus speed.
+
+    python benchmarks/checkerboard.py --workdir=runs/bench_checkerboard            # default budget
+    python benchmarks/checkerboard.py --workdir=runs/bench_full --budget=full       # paper: 200k its
+
+Trains (or reuses, when a run's `metrics.json` exists) GMFlow and the baseline with
+`train_and_evaluate` on `configs/checkerboard.py` (variants "" / "baseline", or "full" / "full_baseline"),
+then prints:
+
+1. the metric table (solver x NFE) of both models, with the exact-sample floor, and the issue's
+   acceptance comparisons (GM-SDE 2 at NFE 4 vs every baseline at NFE 8; at NFE 1 vs NFE 4);
+2. speed, measured in this run: the fp32 matmul peak (4096^2 `jnp.dot`), the K=64 train step at batch
+   4096 as a fraction of that peak (analytic MLP FLOPs: 3x the forward), sampling points/s per solver
+   at NFE 8, and the share of sampling time spent outside the network forward (the solver math).
+
+Timings need an idle machine: JAX drops to about one core under load from another process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gmflow_jax import solvers
+from gmflow_jax.train import loop
+from gmflow_jax.train.optimizer import make_adamw
+from gmflow_jax.train.state import NNXDenoiser, init_train_state, make_train_step
+
+_CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "checkerboard.py"
+)
+_spec = importlib.util.spec_from_file_location("checkerboard_config", _CONFIG)
+cb_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cb_config)
+
+
+def _median_time(fn, runs: int) -> float:
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(n: int = 4096, runs: int = 10) -> float:
+    """fp32 matmul throughput of this machine, GFLOP/s."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.dot)
+    return 2 * n**3 / _median_time(lambda: f(a, b), runs) / 1e9
+
+
+def mlp_forward_flops(cfg) -> int:
+    """Analytic multiply-add FLOPs (x2) of one toy-MLP forward per sample (§6.4)."""
+    m = cfg.model
+    width_in = 2 * m.embed_dim
+    flops = width_in * m.hidden_dim + (m.num_layers - 1) * m.hidden_dim**2
+    heads = 2 if m.mean_only else 2 * m.num_gaussians + m.num_gaussians + 1
+    return 2 * (flops + m.hidden_dim * heads)
+
+
+def train_step_speed(config, batch_size: int, runs: int) -> dict:
+    """Median train-step time at `batch_size` and its fraction of the matmul peak."""
+    keys = loop.run_keys(0)
+    model = loop.build_model(config.model, keys["init"])
+    tx = make_adamw(loop.optimizer_config(config))
+    graphdef, state = init_train_state(model, tx, keys["train"])
+    step = make_train_step(
+        NNXDenoiser(graphdef),
+        tx,
+        loop.optimizer_config(config),
+        loop.ema_config(config),
+        loop.loss_config(config),
+    )
+    batch = {"x0": jax.random.normal(jax.random.PRNGKey(2), (batch_size, 1, 1, 2)) * 2.0}
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
+        return metrics["loss"]
+
+    seconds = _median_time(run, runs)
+    flops = 3 * mlp_forward_flops(config) * batch_size
+    return {"step_ms": 1e3 * seconds, "gflops": flops / seconds / 1e9}
+
+
+def sampling_speed(config, ema_params, graphdef, num_points: int, runs: int) -> list[dict]:
+    """Points/s per solver at NFE 8 and the share of time outside the network forward."""
+    denoiser = NNXDenoiser(graphdef)
+    noise = jax.random.normal(jax.random.PRNGKey(3), (num_points, 1, 1, 2))
+    t = jnp.full((num_points,), 500.0)
+    fwd = jax.jit(lambda p, x: denoiser(p, x, t, None), static_argnums=())
+    forward = _median_time(lambda: fwd(ema_params, noise), runs)
+    out = []
+    if config.model.mean_only:
+        cfgs = [solvers.SolverConfig(s, 8) for s in config.sample.baseline_solvers]
+    else:
+        cfgs = [
+            solvers.SolverConfig("gm_sde", 8, order=1),
+            solvers.SolverConfig("gm_sde", 8, order=2),
+            solvers.SolverConfig("gm_ode", 8, solvers.default_substeps(8), order=1),
+            solvers.SolverConfig("gm_ode", 8, solvers.default_substeps(8), order=2),
+        ]
+    for cfg in cfgs:
+        seconds = _median_time(
+            lambda cfg=cfg: solvers.sample(
+                denoiser, ema_params, jax.random.PRNGKey(0), noise, None, cfg
+            ),
+            runs,
+        )
+        name = cfg.solver + (" 2" if cfg.order == 2 else "")
+        if cfg.num_substeps > 1:
+            name += f" (S={cfg.num_substeps})"
+        out.append(
+            {
+                "solver": name,
+                "points_per_s": num_points / seconds,
+                "solver_math_share": max(0.0, 1.0 - cfg.num_steps * forward / seconds),
+            }
+        )
+    return out
+
+
+def run_or_load(variant: str, workdir: str) -> dict:
+    """Train and evaluate `configs/checkerboard.py:variant` in `workdir`, or load its metrics.json."""
+    config = cb_config.get_config(variant)
+    path = os.path.join(workdir, "metrics.json")
+    if not os.path.exists(path):
+        loop.train_and_evaluate(config, workdir)
+    with open(path) as f:
+        return json.load(f)
+
+
+def _by_key(payload: dict) -> dict:
+    return {(r["row"], r["nfe"]): r["metrics"] for r in payload["results"]}
+
+
+def acceptance(gm: dict, base: dict) -> list[str]:
+    """The issue's comparisons: GM-SDE 2 at NFE 4 (1) vs every baseline at NFE 8 (4)."""
+    g, b = _by_key(gm), _by_key(base)
+    lines = []
+    for gm_nfe, base_nfe in ((4, 8), (1, 4)):
+        ours = g[("gm_sde_2", gm_nfe)]
+        for row in sorted({r for r, _ in b}):
+            theirs = b[(row, base_nfe)]
+            tv = ours["histogram_tv"] < theirs["histogram_tv"]
+            sq = ours["in_square_rate"] > theirs["in_square_rate"]
+            lines.append(
+                f"GM-SDE 2 @ NFE {gm_nfe} vs {row} @ NFE {base_nfe}: "
+                f"TV {ours['histogram_tv']:.4f} vs {theirs['histogram_tv']:.4f} "
+                f"({'better' if tv else 'WORSE'}), in-square {ours['in_square_rate']:.4f} vs "
+                f"{theirs['in_square_rate']:.4f} ({'better' if sq else 'WORSE'})"
+            )
+    return lines
+
+
+def metric_table(payload: dict) -> str:
+    """Markdown table of one model's results."""
+    lines = [
+        "| solver | NFE | in-square | hist TV | sliced W1 | coverage |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in payload["results"]:
+        m = r["metrics"]
+        lines.append(
+            f"| {r['row']} | {r['nfe']} | {m['in_square_rate']:.4f} | {m['histogram_tv']:.4f} | "
+            f"{m['sliced_w1']:.4f} | {m['coverage']:.3f} |"
+        )
+    f = payload["exact_sample_floor"]
+    lines.append(
+        f"| exact sample | - | {f['in_square_rate']:.4f} | {f['histogram_tv']:.4f} | "
+        f"{f['sliced_w1']:.4f} | {f['coverage']:.3f} |"
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the benchmark and print its tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="runs/bench_checkerboard")
+    parser.add_argument("--budget", choices=("default", "full"), default="default")
+    parser.add_argument("--skip_quality", action="store_true", help="speed tables only")
+    parser.add_argument("--runs", type=int, default=5, help="timed repetitions per measurement")
+    args = parser.parse_args()
+    prefix = "" if args.budget == "default" else "full"
+    gm_variant, base_variant = prefix, (prefix + "_baseline").strip("_")
+
+    if not args.skip_quality:
+        gm = run_or_load(gm_variant, os.path.join(args.workdir, "gmflow"))
+        base = run_or_load(base_variant, os.path.join(args.workdir, "baseline"))
+        print("\n## GMFlow (K=64)\n" + metric_table(gm))
+        print("\n## Flow-matching baseline\n" + metric_table(base))
+        print(
+            f"\ntrain steps: GMFlow {gm['train']['steps']}, baseline {base['train']['steps']}; "
+            f"train it/s (as run): GMFlow {gm['train']['it_per_s']:.2f}, "
+            f"baseline {base['train']['it_per_s']:.2f}"
+        )
+        print("\n## Acceptance comparisons\n" + "\n".join(acceptance(gm, base)))
+
+    print("\n## Speed (this run)")
+    peak = matmul_peak_gflops(runs=args.runs)
+    print(f"fp32 matmul peak (4096^2 jnp.dot): {peak:.1f} GFLOP/s")
+    for variant in ("full", "full_baseline"):
+        cfg = cb_config.get_config(variant)
+        speed = train_step_speed(cfg, 4096, args.runs)
+        print(
+            f"train step, batch 4096, {'baseline' if cfg.model.mean_only else 'GMFlow K=64'}: "
+            f"{speed['step_ms']:.1f} ms, {speed['gflops']:.1f} GFLOP/s = "
+            f"{100 * speed['gflops'] / peak:.0f}% of peak"
+        )
+    for variant in ("", "baseline"):
+        cfg = cb_config.get_config(variant)
+        keys = loop.run_keys(cfg.seed)
+        model = loop.build_model(cfg.model, keys["init"])
+        graphdef, params = nnx.split(model)  # timing does not depend on the weights
+        rows = sampling_speed(cfg, params, graphdef, 50_000, args.runs)
+        print(
+            f"\nsampling, 50,000 points, NFE 8 ({'baseline' if cfg.model.mean_only else 'GMFlow'}):"
+        )
+        print("| solver | points/s | solver math share |\n|---|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['solver']} | {r['points_per_s']:,.0f} | {100 * r['solver_math_share']:.1f}% |"
+            )
+
+
+if __name__ == "__main__":
+    main()
