@@ -1,0 +1,223 @@
+"""The ImageNet-256 latent task: GM-DiT (+ SpectrumMLP) on prepared VAE latents (spec §4, §7, §8.1).
+
+Data (`config.data`): `source="files"` reads the directory `config.data.path` prepared by
+`python tools/prepare_imagenet_latents.py`: its ArrayRecord shards (`index.json`,
+`gmflow_jax.data.latents`, read by the deterministic grain loader) when present, else the memory-mapped
+`latents.npy` / `labels.npy` (`gmflow_jax.data.imagenet_latents`, the tool's `--npy` export); without
+either the run stops at once with the command that prepares them. `source="synthetic"` is a small
+deterministic stand-in (tests, smoke runs). Either way batch s depends only on (seed, s, B), so a
+resumed run reads exactly the batches of an uninterrupted one.
+
+Evaluation (EMA parameters), for every row / NFE / guidance scale of `config.sample` (the §8.1
+setting: GM-ODE 2, 16 steps, 8 substeps, w = 0.04): `config.eval.num_samples` latents with labels
+drawn per image index i from `numpy.random.default_rng(i)` (uniform over the classes, §7), their
+statistics next to the data's (mean, std, non-finite rate), the first `config.eval.save_samples`
+latents of each setting in `samples.npz`, and `metrics.json` (both atomic). FID / IS / precision-recall
+need the VAE decoder and the Inception network (`gmflow_jax.eval.inception`) and are computed from
+saved samples by the evaluation tools, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from gmflow_jax.data import latents as shards_lib
+from gmflow_jax.data.imagenet_latents import (
+    LABELS_FILE,
+    LATENTS_FILE,
+    PREPARE_COMMAND,
+    LatentData,
+    open_latents,
+    synthetic_latents,
+)
+from gmflow_jax.tasks.image import ImageTask, guidance_kind, sample_images
+from gmflow_jax.train.loop import run_keys, write_json_atomic
+
+DATA_SOURCES = ("files", "synthetic")
+"""`config.data.source` values."""
+
+REFERENCE_EXAMPLES = 10_000
+"""Data latents used for the reference statistics."""
+
+
+def eval_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """Label of image i drawn uniformly from `numpy.random.default_rng(i)` (§7), int32 [N]."""
+    return np.array(
+        [np.random.default_rng(i).integers(num_classes) for i in range(num_samples)], np.int32
+    )
+
+
+def latent_statistics(latents: np.ndarray) -> dict[str, float]:
+    """Mean, std (over finite values) and the share of latents with a non-finite value."""
+    x = np.asarray(latents, np.float64)
+    finite = np.isfinite(x)
+    values = x[finite]
+    return {
+        "mean": float(values.mean()) if values.size else float("nan"),
+        "std": float(values.std()) if values.size else float("nan"),
+        "nonfinite_rate": float(np.mean(~finite.reshape(x.shape[0], -1).all(axis=1))),
+    }
+
+
+def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays to `path` as npz through a temporary file in the same directory + os.replace."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class ImageNetLatentsTask(ImageTask):
+    """Class-conditional GM-DiT on ImageNet-256 latents (or the synthetic stand-in)."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        """Open the data first (a missing prepared directory stops the run before any model work)."""
+        super().__init__(config)
+        d = config.data
+        if d.source not in DATA_SOURCES:
+            raise ValueError(f"config.data.source must be one of {DATA_SOURCES}, got {d.source!r}")
+        num_classes = self.model_config.num_classes
+        self.shards: shards_lib.LatentShards | None = None
+        self.data: LatentData | None = None
+        if d.source == "synthetic":
+            self.data = synthetic_latents(
+                int(d.num_synthetic), self.image_shape, num_classes, seed=int(config.seed)
+            )
+        elif d.path and os.path.isfile(os.path.join(d.path, shards_lib.INDEX_FILE)):
+            self.shards = shards_lib.open_latent_shards(d.path)
+            if tuple(self.shards.latent_shape) != self.image_shape:
+                raise ValueError(
+                    f"latents in {d.path!r} have shape {tuple(self.shards.latent_shape)}, the "
+                    f"model expects {self.image_shape}"
+                )
+        elif d.path and os.path.isfile(os.path.join(d.path, LATENTS_FILE)):
+            self.data = open_latents(d.path, self.image_shape, num_classes)
+        else:
+            raise FileNotFoundError(
+                f"ImageNet latents not found: config.data.path={d.path!r} holds neither "
+                f"{shards_lib.INDEX_FILE} (ArrayRecord shards) nor {LATENTS_FILE} + {LABELS_FILE}. "
+                f"Prepare them once with `{PREPARE_COMMAND} --source=folder|tfds ... "
+                "--vae_dir=<converted VAE> --output_dir=<dir>` (see its --help), then pass "
+                "--config.data.path=<dir>; or use --config.data.source=synthetic for a smoke run."
+            )
+
+    @property
+    def source(self) -> str:
+        """Where the latents come from (directory or "synthetic")."""
+        return self.data.source if self.data is not None else os.path.abspath(self.config.data.path)
+
+    @property
+    def num_examples(self) -> int:
+        """Number of latents."""
+        return self.data.num_examples if self.data is not None else self.shards.num_examples
+
+    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batch s of the deterministic stream (seed `config.seed`) as {"x0", "labels"}."""
+        seed, batch_size = int(self.config.seed), int(self.config.train.batch_size)
+        if self.shards is not None:
+            dataset = shards_lib.latent_dataset(
+                self.shards, global_batch_size=batch_size, seed=seed
+            )
+            yield from shards_lib.make_iterator(dataset, start_step)
+            return
+        for x, y in self.data.batches(seed, batch_size, start_step):
+            yield {"x0": x, "labels": y}
+
+    def reference_latents(self, n: int) -> np.ndarray:
+        """Up to `n` data latents (the first training batches) for reference statistics."""
+        chunks, count = [], 0
+        for batch in self.batches(0):
+            chunks.append(np.asarray(batch["x0"], np.float32))
+            count += chunks[-1].shape[0]
+            if count >= min(n, self.num_examples):
+                break
+        return np.concatenate(chunks)[:n]
+
+    def evaluate(
+        self,
+        workdir: str,
+        graphdef: nnx.GraphDef,
+        ema_params: Any,
+        train_info: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Sample every (row, NFE, w); write latent statistics, samples.npz and metrics.json."""
+        t_start = time.perf_counter()
+        e = self.config.eval
+        model = nnx.merge(graphdef, ema_params)
+        denoiser, spectrum = self.seams(model)
+        key = jax.random.split(run_keys(self.config.seed)["eval"], 2)[0]
+        labels = eval_labels(int(e.num_samples), self.model_config.num_classes)
+        reference = latent_statistics(self.reference_latents(REFERENCE_EXAMPLES))
+        rows, nfes, scales = self.row_names()
+        results, saved = [], {"labels": labels[: int(e.save_samples)]}
+        for row in rows:
+            for nfe in nfes:
+                for w in scales:
+                    cfg = self.solver_config(row, nfe, w)
+                    t0 = time.perf_counter()
+                    x = sample_images(
+                        denoiser,
+                        spectrum,
+                        ema_params,
+                        cfg,
+                        w,
+                        key,
+                        labels,
+                        self.image_shape,
+                        int(self.config.sample.batch_size),
+                    )
+                    results.append(
+                        {
+                            "row": row,
+                            "nfe": nfe,
+                            "w": w,
+                            "guidance": guidance_kind(row),
+                            "num_substeps": cfg.num_substeps,
+                            "spectral": cfg.spectral,
+                            "metrics": latent_statistics(x),
+                            "sample_time_s": time.perf_counter() - t0,
+                        }
+                    )
+                    saved[f"{row}_nfe{nfe}_w{w:g}"] = x[: int(e.save_samples)].astype(np.float16)
+        _save_npz_atomic(os.path.join(workdir, e.samples_file), saved)
+        payload = {
+            "model": "flow_matching_baseline" if self.model_config.mean_only else "gmflow",
+            "config": json.loads(self.config.to_json_best_effort()),
+            "train": train_info or {},
+            "data": {"source": self.source, "num_examples": self.num_examples},
+            "reference": reference,
+            "eval": {
+                "num_samples": int(e.num_samples),
+                "wall_time_s": time.perf_counter() - t_start,
+            },
+            "results": results,
+        }
+        write_json_atomic(os.path.join(workdir, e.metrics_file), payload)
+        lines = [f"{'solver':<18}{'NFE':>5}{'w':>7}{'mean':>10}{'std':>10}{'nonfinite':>11}"]
+        for r in results:
+            m = r["metrics"]
+            lines.append(
+                f"{r['row']:<18}{r['nfe']:>5}{r['w']:>7.3g}{m['mean']:>10.4f}{m['std']:>10.4f}"
+                f"{m['nonfinite_rate']:>11.4f}"
+            )
+        lines.append(f"{'data':<30}{reference['mean']:>10.4f}{reference['std']:>10.4f}")
+        payload["table"] = "\n".join(lines)
+        print(payload["table"], flush=True)
+        return payload
