@@ -14,7 +14,7 @@ name                                what it is
 ==================================  ============================================================
 `sharded_init`                      (graphdef, jitted init, state shardings) without running it
 `create_sharded_train_state`        (graphdef, sharded TrainState, state shardings)
-`sharded_train_step`                the jitted, donating `step(state, batch) -> (state, metrics)`
+`sharded_train_step`                `ShardedStep`: the jitted, donating `step(state, batch)`
 `abstract_train_state`              ShapeDtypeStructs (with shardings) of the state, for restores
 ==================================  ============================================================
 
@@ -110,23 +110,33 @@ def sharded_train_step(
     (donated), batch split over ("data", "fsdp"), metrics replicated.
 
     The step function is `state.make_train_step`'s (same loss, update and EMA). It is traced with
-    `mesh` set and the `activation_rules` active, so the model's activation constraints
-    (`models.logical_axes.constrain`) apply; `activation_rules=None` leaves activations to GSPMD.
+    `mesh` as the abstract mesh and the `activation_rules` active, so the model's activation
+    constraints (`models.logical_axes.constrain`) apply; `activation_rules=None` leaves activations to
+    GSPMD propagation.
     """
     jitted_single = make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum)
     step_fn = getattr(jitted_single, "__wrapped__", jitted_single)
+    rules = check_rules(activation_rules, mesh) if activation_rules is not None else None
+
+    def step_with_rules(state: TrainState, batch: dict[str, Array]):
+        # The mesh and rules are entered inside the traced function: this closure is new for every
+        # sharded step, so a trace with (or without) activation rules is never reused for another.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), contextlib.ExitStack() as stack:
+            if rules is not None:
+                stack.enter_context(nnx.logical_axis_rules(rules))
+            return step_fn(state, batch)
+
     jitted = jax.jit(
-        step_fn,
+        step_with_rules,
         in_shardings=(state_shardings, batch_sharding(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
-    rules = check_rules(activation_rules, mesh) if activation_rules is not None else None
     return ShardedStep(jitted, mesh, rules)
 
 
 class ShardedStep:
-    """A jitted sharded train step that runs (and lowers) with its mesh and activation rules set."""
+    """A jitted sharded train step (its mesh and activation rules are applied inside the trace)."""
 
     def __init__(self, jitted: Any, mesh: Mesh, activation_rules: Rules | None):
         """Wrap `jitted` (a `jax.jit` with shardings) with `mesh` and `activation_rules`."""
@@ -134,20 +144,10 @@ class ShardedStep:
         self.mesh = mesh
         self.activation_rules = activation_rules
 
-    def _context(self) -> contextlib.ExitStack:
-        """`jax.set_mesh(mesh)` and, when given, `nnx.logical_axis_rules(activation_rules)`."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(jax.set_mesh(self.mesh))
-        if self.activation_rules is not None:
-            stack.enter_context(nnx.logical_axis_rules(self.activation_rules))
-        return stack
-
     def __call__(self, state: TrainState, batch: dict[str, Array]):
         """One step: `(state, batch) -> (state, metrics)`; `state` is donated."""
-        with self._context():
-            return self.jitted(state, batch)
+        return self.jitted(state, batch)
 
     def lower(self, state: Any, batch: Any) -> Any:
         """`jax.jit(...).lower` on (abstract) arguments, e.g. for `.compile().memory_analysis()`."""
-        with self._context():
-            return self.jitted.lower(state, batch)
+        return self.jitted.lower(state, batch)
