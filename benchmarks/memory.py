@@ -1,0 +1,285 @@
+"""Compiled memory of the GM-DiT-XL/2 train step, and sharding overhead of a small GM-DiT on fake devices.
+
+Part 1, memory (no parameter is ever materialized: the state and batch are `jax.ShapeDtypeStruct`s from
+`jax.eval_shape`, and the step is only lowered and compiled): the ImageNet train step (GM-DiT-XL/2,
+K = 8, SpectrumMLP and spectral loss, bf16 compute, AdamW + EMA, spec §8.1) at 512 images per device,
+with and without per-block remat, from `jax.jit(step).lower(...).compile().memory_analysis()`:
+
+* `1 dev`: one device holding the whole state (params, AdamW moments, EMA, all float32) and a batch of
+  512, as one GPU of the reference's data-parallel run;
+* `fsdp=8`: the sharded step (`train.sharded`) on 8 fake devices with fsdp = 8 and a global batch of
+  4096 (512 per device): the state is split 8 ways.
+
+Per device: `state+batch` (arguments), `temp` (activations, gradients, scratch), and `peak` = arguments
++ outputs - aliased (the donated state is updated in place) + temp. The reference needs about 32 GB per
+A100 at 512 images per GPU (bf16 autocast, gradient checkpointing; its README). These are XLA:CPU buffer
+assignments of the same program: XLA:GPU fuses differently (and uses fused attention), so treat them as
+estimates of the GPU footprint, good for the ratios (remat, fsdp).
+
+Part 2, step time of a small GM-DiT (S/4 by default, K = 8, 32 x 32 x 4 latents, fixed global batch) on
+1, 2, 4 and 8 fake CPU devices, each count in its own subprocess (`XLA_FLAGS=
+--xla_force_host_platform_device_count=n`), mesh fsdp = n (and data = n with `--meshes fsdp,data`).
+All fake devices share this machine's cores, so the work per step is constant and any growth with n is
+the cost of sharding itself (partitioned ops, collectives, per-device dispatch).
+
+    python benchmarks/memory.py                       # both parts
+    python benchmarks/memory.py --part memory --remat both
+    python benchmarks/memory.py --part time --time_model S/4 --time_batch 32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REFERENCE_GB_PER_GPU = 32.0
+"""The reference's memory per A100 at 512 images per GPU (README; spec paper-facts §7)."""
+
+GIB = 1024**3
+
+
+def _build(model_name: str, remat: bool, dtype: str, scan: bool):
+    """(model_fn, tx, configs, seams) of the ImageNet recipe for GM-DiT `model_name`."""
+    import jax
+    from flax import nnx
+
+    from gmflow_jax.models.gm_dit import gm_dit_config
+    from gmflow_jax.models.image_denoiser import ImageDenoiser, SpectrumConfig, image_seams
+    from gmflow_jax.train.ema import EMAConfig
+    from gmflow_jax.train.optimizer import OptimizerConfig, make_adamw
+    from gmflow_jax.train.state import LossConfig
+
+    cfg = gm_dit_config(model_name, num_gaussians=8, remat=remat, dtype=dtype, scan_blocks=scan)
+
+    def model_fn():
+        return ImageDenoiser(cfg, SpectrumConfig(), rngs=nnx.Rngs(params=jax.random.PRNGKey(0)))
+
+    opt = OptimizerConfig(lr=2e-4, b2=0.95, weight_decay=0.05, grad_clip_norm=10.0, clip_begin=1000)
+    ema = EMAConfig(policy="rampup", batch_size=4096, ema_kimg=30000.0)
+    loss = LossConfig(
+        trans_ratio=0.5, weight_scale=2.0, t_sampler="logit_normal", prob_class=0.9,
+        null_label=cfg.num_classes,
+    )  # fmt: skip
+    seams = image_seams(nnx.eval_shape(model_fn))
+    return model_fn, make_adamw(opt), opt, ema, loss, seams, cfg
+
+
+def _memory_row(model_name: str, remat: bool, dtype: str, per_device: int, fsdp: int) -> dict:
+    """Compile (abstractly) the train step and return its memory statistics per device."""
+    import jax
+    import jax.numpy as jnp
+
+    from gmflow_jax.parallel.mesh import make_mesh
+    from gmflow_jax.parallel.sharding import batch_sharding
+    from gmflow_jax.train.sharded import sharded_init, sharded_train_step
+    from gmflow_jax.train.state import init_train_state, make_train_step
+
+    model_fn, tx, opt, ema, loss, (denoiser, spectrum), cfg = _build(
+        model_name, remat, dtype, scan=True
+    )
+    shape = (cfg.sample_size, cfg.sample_size, cfg.in_channels)
+    t0 = time.perf_counter()
+    if fsdp == 1:
+        key = jax.random.PRNGKey(1)
+        state = jax.eval_shape(lambda: init_train_state(model_fn(), tx, key)[1])
+        batch = {
+            "x0": jax.ShapeDtypeStruct((per_device, *shape), jnp.float32),
+            "labels": jax.ShapeDtypeStruct((per_device,), jnp.int32),
+        }
+        step = make_train_step(denoiser, tx, opt, ema, loss, spectrum)
+        compiled = step.lower(state, batch).compile()
+    else:
+        mesh = make_mesh({"data": 1, "fsdp": fsdp}, devices=jax.devices()[:fsdp])
+        _, init, shardings = sharded_init(model_fn, tx, jax.random.PRNGKey(1), mesh)
+        state = jax.eval_shape(init)
+        sharding = batch_sharding(mesh)
+        batch = {
+            "x0": jax.ShapeDtypeStruct((per_device * fsdp, *shape), jnp.float32, sharding=sharding),
+            "labels": jax.ShapeDtypeStruct((per_device * fsdp,), jnp.int32, sharding=sharding),
+        }
+        step = sharded_train_step(
+            denoiser, tx, opt, ema, loss, spectrum, mesh=mesh, state_shardings=shardings
+        )
+        compiled = step.lower(state, batch).compile()
+    stats = compiled.memory_analysis()
+    params = sum(x.size for x in jax.tree.leaves(state.params))
+    peak = (
+        stats.argument_size_in_bytes
+        + stats.output_size_in_bytes
+        - stats.alias_size_in_bytes
+        + stats.temp_size_in_bytes
+    )
+    return {
+        "model": model_name,
+        "dtype": dtype,
+        "remat": remat,
+        "devices": fsdp,
+        "per_device_batch": per_device,
+        "params": params,
+        "args_gib": stats.argument_size_in_bytes / GIB,
+        "temp_gib": stats.temp_size_in_bytes / GIB,
+        "alias_gib": stats.alias_size_in_bytes / GIB,
+        "peak_gib": peak / GIB,
+        "compile_s": time.perf_counter() - t0,
+    }
+
+
+def _time_row(model_name: str, batch: int, mesh_kind: str, steps: int) -> dict:
+    """Median step time of the sharded step on all visible devices (mesh `mesh_kind` = n)."""
+    import jax
+    import numpy as np
+
+    from gmflow_jax.parallel.mesh import make_mesh
+    from gmflow_jax.parallel.sharding import global_batch
+    from gmflow_jax.train.sharded import sharded_init, sharded_train_step
+
+    model_fn, tx, opt, ema, loss, (denoiser, spectrum), cfg = _build(
+        model_name, remat=False, dtype="float32", scan=True
+    )
+    n = jax.device_count()
+    mesh = make_mesh(
+        {"data": n if mesh_kind == "data" else 1, "fsdp": n if mesh_kind == "fsdp" else 1}
+    )
+    _, init, shardings = sharded_init(model_fn, tx, jax.random.PRNGKey(1), mesh)
+    state = init()
+    step = sharded_train_step(
+        denoiser, tx, opt, ema, loss, spectrum, mesh=mesh, state_shardings=shardings
+    )
+    rs = np.random.default_rng(0)
+    host = {
+        "x0": rs.normal(size=(batch, cfg.sample_size, cfg.sample_size, 4)).astype(np.float32),
+        "labels": rs.integers(0, 1000, batch).astype(np.int32),
+    }
+    data = global_batch(host, mesh)
+    t0 = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {
+        "devices": n,
+        "mesh": mesh_kind,
+        "model": model_name,
+        "batch": batch,
+        "step_s": statistics.median(times),
+        "first_call_s": compile_s,
+    }
+
+
+def _subprocess_row(kind: str, devices: int, payload: dict) -> dict:
+    """Run `_worker` in a fresh process with `devices` fake CPU devices; its JSON result."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+    )
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--_worker", kind, json.dumps(payload)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} worker ({devices} devices) failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _worker(kind: str, payload: str) -> int:
+    """Subprocess entry: compute one row and print it as JSON."""
+    args = json.loads(payload)
+    row = _memory_row(**args) if kind == "memory" else _time_row(**args)
+    print(json.dumps(row), flush=True)
+    return 0
+
+
+def memory_table(model: str, remats: list[bool], dtype: str, per_device: int, fsdp: int) -> str:
+    """Part 1: rows for each remat setting on one device and on `fsdp` devices."""
+    rows = []
+    for remat in remats:
+        for devices in (1, fsdp):
+            payload = {
+                "model_name": model,
+                "remat": remat,
+                "dtype": dtype,
+                "per_device": per_device,
+                "fsdp": devices,
+            }
+            rows.append(_subprocess_row("memory", max(devices, 1), payload))
+            print(f"  compiled {model} remat={remat} devices={devices}", flush=True)
+    lines = [
+        f"GM-DiT-{model} train step, {dtype} compute, {per_device} images per device "
+        f"(reference: about {REFERENCE_GB_PER_GPU:.0f} GB per A100 at 512/GPU)",
+        f"{'remat':<7}{'devices':>8}{'params':>12}{'state+batch':>13}{'temp':>9}{'peak':>9}"
+        f"{'vs 32 GB':>10}{'compile':>9}",
+    ]
+    for r in rows:
+        peak_gb = r["peak_gib"] * GIB / 1e9
+        lines.append(
+            f"{str(r['remat']):<7}{r['devices']:>8}{r['params'] / 1e6:>11.1f}M"
+            f"{r['args_gib']:>11.2f}Gi{r['temp_gib']:>7.2f}Gi{r['peak_gib']:>7.2f}Gi"
+            f"{peak_gb / REFERENCE_GB_PER_GPU:>9.2f}x{r['compile_s']:>8.0f}s"
+        )
+    return "\n".join(lines)
+
+
+def time_table(model: str, batch: int, meshes: list[str], steps: int) -> str:
+    """Part 2: the step time at 1, 2, 4, 8 fake devices for each mesh kind."""
+    rows = []
+    for mesh_kind in meshes:
+        for n in (1, 2, 4, 8):
+            payload = {"model_name": model, "batch": batch, "mesh_kind": mesh_kind, "steps": steps}
+            rows.append(_subprocess_row("time", n, payload))
+            print(f"  timed {mesh_kind}={n}", flush=True)
+    lines = [
+        f"GM-DiT-{model} train step (K=8, SpectrumMLP, fp32), global batch {batch}, fake CPU "
+        f"devices sharing {os.cpu_count()} cores; median of {steps} steps",
+        f"{'mesh':<6}{'devices':>8}{'step s':>9}{'vs 1 dev':>10}{'1st call s':>12}",
+    ]
+    base = {}
+    for r in rows:
+        base.setdefault(r["mesh"], r["step_s"])
+        lines.append(
+            f"{r['mesh']:<6}{r['devices']:>8}{r['step_s']:>9.3f}{r['step_s'] / base[r['mesh']]:>9.2f}x"
+            f"{r['first_call_s']:>12.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the memory table and/or the sharding-overhead table."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--_worker":
+        return _worker(argv[1], argv[2])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=("memory", "time", "both"), default="both")
+    p.add_argument("--model", default="XL/2")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--per_device", type=int, default=512)
+    p.add_argument("--fsdp", type=int, default=8)
+    p.add_argument("--remat", choices=("both", "on", "off"), default="both")
+    p.add_argument("--time_model", default="S/4")
+    p.add_argument("--time_batch", type=int, default=32)
+    p.add_argument("--meshes", default="fsdp")
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+    if args.part in ("memory", "both"):
+        remats = {"both": [False, True], "on": [True], "off": [False]}[args.remat]
+        print(memory_table(args.model, remats, args.dtype, args.per_device, args.fsdp), flush=True)
+    if args.part in ("time", "both"):
+        meshes = [m for m in args.meshes.split(",") if m]
+        print(time_table(args.time_model, args.time_batch, meshes, args.steps), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
