@@ -3,7 +3,7 @@
 Launch (from the repository root; rerunning the same command resumes, or goes straight to evaluation
 when training already finished):
 
-    python -m gmflow_jax.main --config=configs/checkerboard.py --workdir=/tmp/checkerboard
+    python -m gmflow_jax.main --config=configs/checkerboard.py --workdir=runs/checkerboard
 
 Variants, chosen by the suffix after the file name (tokens joined by "_"):
 

@@ -3,8 +3,8 @@
 Launch (from the repository root; rerunning the same command resumes, or goes straight to evaluation
 when training already finished):
 
-    python -m gmflow_jax.main --config=configs/digits.py --workdir=/tmp/digits
-    python -m gmflow_jax.main --config=configs/digits.py:baseline --workdir=/tmp/digits_baseline
+    python -m gmflow_jax.main --config=configs/digits.py --workdir=runs/digits
+    python -m gmflow_jax.main --config=configs/digits.py:baseline --workdir=runs/digits_baseline
 
 Variants, chosen by the suffix after the file name (tokens joined by "_"):
 

@@ -229,7 +229,7 @@ def row_solver_config(
     """The `SolverConfig` of evaluation row `row` at `nfe` network evaluations and guidance w.
 
     The config is guided iff w is active (probabilistic w > 0, CFG w > 1); its static scale is a
-    placeholder: pass w as `sample_images(..., w)` (the traced override).
+    stand-in value: pass w as `sample_images(..., w)` (the traced override).
     """
     kind = guidance_kind(row)
     guidance.check_guidance_scale(w, kind)
