@@ -40,32 +40,59 @@ LOG_2PI = math.log(2.0 * math.pi)
 UNROLL_MAX = 64
 """Reductions over static axes up to this size are unrolled into element-wise ops (see `axis_sum`)."""
 
+DOT_SUM_MIN = 5
+"""On XLA:CPU, sums over axes of at least this size are a dot with a ones vector (see `axis_sum`)."""
+
 
 def _slices(x: Array, axis: int) -> list[Array]:
     axis %= x.ndim
     return [jax.lax.index_in_dim(x, i, axis, keepdims=True) for i in range(x.shape[axis])]
 
 
+def _unrolled_sum(x: Array, axis: int) -> Array:
+    """Sum over `axis` (kept) as a chain of element-wise adds."""
+    return functools.reduce(operator.add, _slices(x, axis))
+
+
 def axis_sum(x: Array, axis: int, keepdims: bool = False) -> Array:
     """Sum over one short static axis (K components or C channels).
 
-    Unrolled into element-wise adds for sizes up to `UNROLL_MAX`: XLA:CPU runs reductions over short
-    minor axes 4-5x slower than element-wise work, and these sums dominate the GM ops (see
-    `benchmarks/gm_ops.py`). Accelerators see the same fused element-wise graph.
+    XLA:CPU runs reductions over short minor axes 4-5x slower than element-wise work, and these sums
+    dominate the GM ops (see `benchmarks/gm_ops.py`), so on the CPU backend:
+
+    * axes of 2-4 entries (channels) are unrolled into element-wise adds;
+    * longer axes (K components) are a dot with a ones vector at full fp32 precision. An unrolled
+      K-term sum is cheap on its own, but XLA fuses it into every consumer that broadcasts it back
+      over K (e.g. a GM mean feeding a GM product) and recomputes it per element, a K-fold blowup
+      (it made the GM-SDE 2 correction 15x slower); a dot is never duplicated.
+
+    Other backends reduce natively (`jnp.sum`).
     """
-    if x.shape[axis] > UNROLL_MAX:
+    size = x.shape[axis]
+    if size > UNROLL_MAX or jax.default_backend() != "cpu":
         return jnp.sum(x, axis=axis, keepdims=keepdims)
-    out = functools.reduce(operator.add, _slices(x, axis))
+    if size >= DOT_SUM_MIN:
+        axis %= x.ndim
+        ones = jnp.ones((size,), x.dtype)
+        out = jax.lax.dot_general(
+            x, ones, (((axis,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST
+        )
+        return jnp.expand_dims(out, axis) if keepdims else out
+    out = _unrolled_sum(x, axis)
     return out if keepdims else jnp.squeeze(out, axis)
 
 
 def axis_logsumexp(x: Array, axis: int, keepdims: bool = False) -> Array:
-    """Log-sum-exp over one short static axis, max-shifted (stop-gradient max), unrolled like `axis_sum`."""
-    if x.shape[axis] > UNROLL_MAX:
+    """Log-sum-exp over one short static axis, max-shifted (stop-gradient max), unrolled.
+
+    The sum of exponentials stays unrolled at every size: XLA does not duplicate a fusion that
+    computes `exp` into its consumers, so the blowup described in `axis_sum` cannot happen here.
+    """
+    if x.shape[axis] > UNROLL_MAX or jax.default_backend() != "cpu":
         return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
     m = functools.reduce(jnp.maximum, _slices(x, axis))
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    out = m + jnp.log(axis_sum(jnp.exp(x - m), axis, keepdims=True))
+    out = m + jnp.log(_unrolled_sum(jnp.exp(x - m), axis))
     return out if keepdims else jnp.squeeze(out, axis)
 
 
