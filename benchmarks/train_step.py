@@ -21,7 +21,8 @@ column              what is timed
 `solver share`      (sample - forward) / sample: guidance, GM algebra, 2nd order, KR sampling
 ==================  ================================================================================
 
-The GM head itself (the log-softmax of the weights, the log-std MLP) runs in both `step` and
+Each pair (step / trivial, sample / forward) is timed interleaved (a, b, a, b, ...), so that both
+medians see the same machine load. The GM head itself (the log-softmax of the weights, the log-std MLP) runs in both `step` and
 `trivial`; it is part of the network. Compute is float32 (bf16 is not faster on CPU); the
 `--dtype` flag switches it.
 
@@ -53,15 +54,20 @@ NUM_CLASSES = 1000
 """ImageNet classes (label table 1001 rows)."""
 
 
-def time_calls(fn: Callable[[], Any], runs: int) -> float:
-    """Median seconds of `fn()` over `runs` calls after one warm-up (compile) call."""
-    jax.block_until_ready(fn())
-    times = []
+def time_pair(a: Callable[[], Any], b: Callable[[], Any], runs: int) -> tuple[float, float]:
+    """Median seconds of `a()` and of `b()`, calls interleaved a, b, a, b, ... after a warm-up each.
+
+    Interleaving makes the two medians see the same machine load (the ratio is what matters).
+    """
+    jax.block_until_ready(a())
+    jax.block_until_ready(b())
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(runs):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, out in ((a, times[0]), (b, times[1])):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - t0)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def trivial_step(denoiser, tx, opt_cfg: OptimizerConfig, ema_cfg: EMAConfig):
@@ -125,11 +131,11 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
         "labels": jnp.arange(batch, dtype=jnp.int32) % NUM_CLASSES,
     }
     row: dict[str, Any] = {"model": name, "K": k, "params": n_params}
-    for label, make in (
-        ("step", lambda: make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum)),
-        ("trivial", lambda: trivial_step(denoiser, tx, opt_cfg, ema_cfg)),
+    calls = []
+    for fn in (
+        make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum),
+        trivial_step(denoiser, tx, opt_cfg, ema_cfg),
     ):
-        fn = make()
         state = init_train_state(model, tx, key)[1]
         holder = {"state": jax.tree.map(jnp.copy, state)}  # the step donates its input
 
@@ -137,7 +143,8 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
             holder["state"], metrics = fn(holder["state"], data)
             return metrics
 
-        row[label] = time_calls(call, steps)
+        calls.append(call)
+    row["step"], row["trivial"] = time_pair(calls[0], calls[1], steps)
     row["loss_share"] = (row["step"] - row["trivial"]) / row["step"]
 
     params = nnx.state(model)
@@ -159,19 +166,6 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
             spectral=True,
         )
     noise = data["x0"]
-    row["sample"] = time_calls(
-        lambda: solvers.sample(
-            denoiser,
-            params,
-            key,
-            noise,
-            data["labels"],
-            scfg,
-            jnp.float32(scfg.guidance_scale),
-            spectrum if scfg.spectral else None,
-        ),
-        steps,
-    )
 
     @jax.jit
     def forwards(params, x, labels):
@@ -184,7 +178,20 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
 
     doubled = jnp.concatenate([noise, noise])
     labels2 = jnp.concatenate([jnp.full((batch,), NUM_CLASSES, jnp.int32), data["labels"]])
-    row["forward"] = time_calls(lambda: forwards(params, doubled, labels2), steps)
+    row["sample"], row["forward"] = time_pair(
+        lambda: solvers.sample(
+            denoiser,
+            params,
+            key,
+            noise,
+            data["labels"],
+            scfg,
+            jnp.float32(scfg.guidance_scale),
+            spectrum if scfg.spectral else None,
+        ),
+        lambda: forwards(params, doubled, labels2),
+        steps,
+    )
     row["solver_share"] = (row["sample"] - row["forward"]) / row["sample"]
     return row
 

@@ -323,6 +323,12 @@ def test_real_digits_score_high_and_corrupted_digits_score_far(trained, data8):
     shuffled = ev.evaluate(x, rng.permutation(y))
     assert 0.02 < shuffled["accuracy"] < 0.2  # ~0.1 +- 0.017 for 300 images
     assert shuffled["fd"] == real["fd"]  # the FD ignores labels
+    # precision / recall against the training digits' manifold: real held-out digits lie on it
+    # (the held-out reference itself), noise does not; recall of noise collapses too
+    assert real["precision"] == ev.real_precision and real["recall"] == ev.real_recall
+    assert real["precision"] > 0.9 and train["precision"] == 1.0  # k-NN balls contain their centres
+    assert noise["precision"] < 0.1 and noise["recall"] < 0.1
+    assert blurred["precision"] < real["precision"] - 0.2
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 3 images: singular covariance
