@@ -10,6 +10,14 @@ for the format), then launch from the repository root (rerunning the same comman
 Without prepared latents the run stops at once with that instruction. Multi-host launches: see
 `launch/README.md`.
 
+Pod scale (`gmflow_jax.train.sharded.train_sharded`, used because this config has a `mesh` section):
+the mesh axes data x fsdp x tensor come from `config.mesh` (default: every device on fsdp, so
+parameters, AdamW moments and EMA are split ZeRO-3 style; multi-slice: `dcn_data` = slices), the
+batch is split over data x fsdp, each process reads only its rows, SIGTERM checkpoints and exits with
+status 0, and rerunning resumes from the workdir (then `config.checkpoint.restore_from`, then fresh).
+`config.distributed` names an explicit coordinator; left empty, `JAX_COORDINATOR_ADDRESS` /
+`JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`, SLURM or the TPU slice are detected.
+
 Variants:
 
 * (none)  the paper's setting: GM-DiT-XL/2 (K = 8) + SpectrumMLP (4, 32, 32) [64, 8], trans_ratio 0.5,
@@ -44,9 +52,21 @@ MESH_RULES = (
     ("logstd_out", None),
     ("layers", None),
 )
-"""Logical axis -> mesh axis rules for every name in `gm_dit.LOGICAL_AXIS_NAMES`: activations are
-split over data x fsdp on the batch, parameters over fsdp on the hidden width and over tensor on the
-attention / MLP / modulation widths (Megatron-style); small axes are replicated."""
+"""Parameter logical axis -> mesh axis rules for every name in `gm_dit.LOGICAL_AXIS_NAMES`:
+parameters over fsdp on the hidden width and over tensor on the attention / MLP / modulation widths
+(Megatron-style); small axes are replicated ("batch" and "length" name activation axes only)."""
+
+
+ACTIVATION_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+)
+"""Logical axis -> mesh axis rules of the model's activation constraints: the batch over data x
+fsdp, the residual stream's width replicated (all-gathered from the fsdp-sharded weights), the MLP
+hidden width over tensor."""
 
 
 def _parse_variant(variant: str) -> str:
@@ -72,8 +92,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = "imagenet_latents"  # SD-VAE latents of ImageNet-256 (§4.8)
     config.data.source = "files"  # "files" (prepared directory) or "synthetic" (tests)
-    config.data.path = ""  # the prepared directory (latents.npy, labels.npy)
+    config.data.path = ""  # the prepared directory (index.json + ArrayRecord shards, or .npy)
     config.data.num_synthetic = 256  # latents of the synthetic source
+    config.data.include_ids = False  # ArrayRecord batches also carry example ids (tests)
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "gm_dit"  # GM-DiT (§6.1) + SpectrumMLP (§6.3) in one module
@@ -157,10 +178,18 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.checkpoint.restore_from = ""  # another run's checkpoint dir to take weights from
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
-    config.mesh.fsdp = 1  # parameter-sharding (FSDP) axis size
+    config.mesh.data = 1  # pure data-parallel axis size (parameters replicated along it)
+    config.mesh.fsdp = -1  # parameter-sharding (FSDP) axis size (-1: all remaining devices)
     config.mesh.tensor = 1  # tensor-parallel axis size
-    config.mesh.rules = MESH_RULES  # logical axis -> mesh axis rules (see MESH_RULES)
+    config.mesh.rules = MESH_RULES  # parameter logical axis -> mesh axis rules (see MESH_RULES)
+    config.mesh.activation_rules = ACTIVATION_RULES  # activation constraints (ACTIVATION_RULES)
+    config.mesh.dcn_data = 1  # slices (or processes) along data over the data-centre network
+    config.mesh.dcn_fsdp = 1  # slices (or processes) along fsdp over the data-centre network
+
+    config.distributed = ml_collections.ConfigDict()  # explicit jax.distributed settings; empty:
+    config.distributed.coordinator_address = ""  # env vars / SLURM / TPU detection, or 1 process
+    config.distributed.num_processes = 1  # processes in the job (with coordinator_address)
+    config.distributed.process_id = 0  # this process (with coordinator_address)
 
     if size == "tiny":
         config.data.source = "synthetic"
@@ -171,6 +200,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.model.sample_size = 8
         config.model.logstd_inner_dim = 16
         config.model.remat = False
+        config.model.scan_blocks = False  # XLA:CPU: no collectives inside a while loop
         config.model.spectrum_net.base_size = (4, 8, 8)
         config.train.num_steps = 1
         config.train.batch_size = 8

@@ -66,6 +66,28 @@ DATA_ITEM = "data"
 PREEMPTION_SIGNALS = (signal.SIGTERM,)
 """Signals treated as a preemption notice by default."""
 
+MIN_REPLICA_PARALLEL_BYTES = 1 << 20
+"""Replicated arrays are written by several replicas in parallel (orbax replica-parallel saving)
+only when each replica's slice has at least this many bytes. Slicing costs one small compiled
+program per (shape, device) at the first save; below this size it buys nothing."""
+
+_array_handler_configured = False
+
+
+def _configure_array_handler() -> None:
+    """Register orbax's jax.Array handler with the `MIN_REPLICA_PARALLEL_BYTES` floor (once)."""
+    global _array_handler_configured
+    if _array_handler_configured:
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_BYTES
+        ),
+        override=True,
+    )
+    _array_handler_configured = True
+
 
 def _distributed() -> bool:
     """Whether `jax.distributed` is initialized (then JAX owns SIGTERM and the preemption sync)."""
@@ -132,6 +154,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
+        _configure_array_handler()
         self.directory = epath.Path(directory).absolute()
         self.save_every = save_every
         self._manager = ocp.CheckpointManager(

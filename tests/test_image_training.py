@@ -141,7 +141,7 @@ def test_spectral_loss_trains_only_the_spectrum_net_and_transition_loss_never_do
 def test_bf16_loss_and_gradients_agree_with_fp32_within_two_percent():
     """Same fp32 params, batch and key: each loss term within 2% (bf16 has an 8-bit mantissa), the
     total gradient finite, fp32, with cosine similarity > 0.99 to the fp32 one. (A full bf16 train
-    step runs in the imagenet256 tiny test above.)"""
+    step runs in the imagenet256 tiny main test of test_imagenet_task.py.)"""
     params = _spiked_params()
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(_tiny_model("bfloat16"))))
     flat = {}

@@ -140,6 +140,36 @@ class ImageNetLatentsTask(ImageTask):
         for x, y in self.data.batches(seed, batch_size, start_step):
             yield {"x0": x, "labels": y}
 
+    def data_iterator(self, rows: tuple[int, int]) -> Any:
+        """The checkpointable grain iterator over rows [start, stop) of every global batch, at
+        step 0 (ArrayRecord shards only; None for the other sources, whose batch s is a pure
+        function of s). With `config.data.include_ids` batches also hold the example "ids"."""
+        if self.shards is None:
+            return None
+        dataset = shards_lib.latent_dataset(
+            self.shards,
+            global_batch_size=int(self.config.train.batch_size),
+            seed=int(self.config.seed),
+            rows=rows,
+            include_ids=bool(self.config.data.get("include_ids", False)),
+        )
+        return shards_lib.make_iterator(dataset)
+
+    def process_batches(
+        self, start_step: int, rows: tuple[int, int]
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Rows [start, stop) of global batch s, s = start_step, ... (in-memory sources)."""
+        if self.shards is not None:
+            iterator = self.data_iterator(rows)
+            shards_lib.seek(iterator, start_step)
+            yield from iterator
+            return
+        start, stop = rows
+        for x, y in self.data.batches(
+            int(self.config.seed), int(self.config.train.batch_size), start_step
+        ):
+            yield {"x0": x[start:stop], "labels": y[start:stop]}
+
     def reference_latents(self, n: int) -> np.ndarray:
         """Up to `n` data latents (the first training batches) for reference statistics."""
         chunks, count = [], 0

@@ -199,9 +199,14 @@ def train(
     obtained), wall_time_s of this invocation, and when steps ran: it_per_s (steady state: the first
     logging interval, which compiles, is excluded) and final_loss. `sessions` lists every invocation
     that trained in this workdir (also kept in `train_log.json`) and `train_wall_time_s` sums their
-    wall times.
+    wall times. A config with a `mesh` section (pod scale) is trained by
+    `train.sharded.train_sharded` instead (same return values, plus `preempted` and `mesh`).
     """
     task = task if task is not None else tasks.make_task(config)
+    if config.get("mesh") is not None:  # pod scale: mesh, sharded state, grain data state, SIGTERM
+        from gmflow_jax.train.sharded import train_sharded
+
+        return train_sharded(config, workdir, task)
     os.makedirs(workdir, exist_ok=True)
     task.prepare_workdir(workdir)
     keys = run_keys(config.seed)
@@ -443,8 +448,15 @@ def evaluate(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train (resuming if possible), then evaluate with the EMA params; returns the metrics payload.
 
-    The task of `config.data.name` is made first, so a missing data set stops the run at once.
+    The task of `config.data.name` is made first, so a missing data set stops the run at once. A
+    config with a `mesh` section trains with `train.sharded.train_sharded` (joining the
+    `jax.distributed` job first); a preempted run returns without evaluating, and a multi-process
+    run skips evaluation (evaluate the checkpoint in one process).
     """
+    if config.get("mesh") is not None:
+        from gmflow_jax.train.sharded import start_distributed
+
+        start_distributed(config)  # before anything touches a device
     task = tasks.make_task(config)
     graphdef, state, info = train(config, workdir, task)
     print(
@@ -452,6 +464,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         + (f", {info['it_per_s']:.2f} it/s" if "it_per_s" in info else " (already finished)"),
         flush=True,
     )
+    if info.get("preempted"):
+        print(f"preempted: checkpointed step {int(state.step)}; rerun to resume", flush=True)
+        return {"train": info}
+    if jax.process_count() > 1:
+        print("multi-process run: evaluation skipped (evaluate the checkpoint on one host)")
+        return {"train": info}
     if not config.eval.enabled:
         return {"train": info}
     return task.evaluate(workdir, graphdef, state.ema_params, info)

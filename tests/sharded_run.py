@@ -1,0 +1,167 @@
+"""A tiny pod-scale training job for the resume and multi-process tests (run as a script).
+
+It is a thin wrapper over the real training loop of `python -m gmflow_jax.main` for a config with a
+mesh (`gmflow_jax.train.sharded.train_sharded`): the `configs/imagenet256.py:tiny` config pointed at
+a tiny ArrayRecord latent set (`write_tiny_latents`), with the mesh, steps and checkpoint interval of
+the command line. So the jobs these tests kill, preempt and resume run the same code as the
+entry point: distributed start-up -> mesh -> shape-first sharded init -> grain loader (this
+process's rows) -> restore (state + data iterator) or init -> sharded steps, checkpoints (state +
+iterator) and the preemption poll.
+
+The loop's callback appends one JSON line per event to `--log` (per process: `<log>.p<i>`): the start
+(step, how it was obtained), every step (loss as float and its exact float32 bits, this process's
+example ids) and a preemption. At the end process 0 writes the final parameters (gathered from every
+process) to `--final` (npz).
+
+Usage: python tests/sharded_run.py --data_dir D --workdir W --steps 10 [--mesh 2,2,1] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LATENT_SHAPE = (8, 8, 4)
+"""Latent shape of the tiny data set."""
+
+NUM_CLASSES = 5
+"""Classes of the tiny data set (label NUM_CLASSES is the null label)."""
+
+
+def write_tiny_latents(directory: str, num_examples: int, shard_sizes: list[int], seed: int = 0):
+    """Write a tiny latents directory (ArrayRecord shards + index.json); returns the labels."""
+    from gmflow_jax.data import latents
+
+    if sum(shard_sizes) != num_examples:
+        raise ValueError(f"shard sizes {shard_sizes} must sum to {num_examples}")
+    os.makedirs(directory, exist_ok=True)
+    rs = np.random.default_rng(seed)
+    labels = rs.integers(0, NUM_CLASSES, num_examples)
+    shards, first = [], 0
+    for j, count in enumerate(shard_sizes):
+        records = [
+            latents.encode_record(
+                rs.normal(size=LATENT_SHAPE).astype(np.float32), labels[first + i], first + i
+            )
+            for i in range(count)
+        ]
+        name = f"latents-{j:05d}-of-{len(shard_sizes):05d}.array_record"
+        latents.write_shard(os.path.join(directory, name), records)
+        shards.append({"file": name, "num_records": count, "first_id": first})
+        first += count
+    latents.write_index(directory, shards, LATENT_SHAPE, np.float32, NUM_CLASSES)
+    return labels
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data_dir", required=True)
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save_every", type=int, default=1)
+    p.add_argument("--mesh", default="2,2,1", help="data,fsdp,tensor (ICI)")
+    p.add_argument("--dcn_data", type=int, default=1)
+    p.add_argument("--log", required=True)
+    p.add_argument("--final", default="")
+    p.add_argument("--step_delay", type=float, default=0.0, help="seconds to sleep after a step")
+    p.add_argument("--cache_dir", default="", help="persistent XLA compilation cache")
+    p.add_argument("--coordinator", default="")
+    p.add_argument("--num_processes", type=int, default=1)
+    p.add_argument("--process_id", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace):
+    """`configs/imagenet256.py:tiny` on the tiny ArrayRecord set, with the command line's settings."""
+    spec = importlib.util.spec_from_file_location(
+        "imagenet256_config", os.path.join(REPO, "configs", "imagenet256.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.seed = args.seed
+    config.data.source, config.data.path, config.data.include_ids = "files", args.data_dir, True
+    config.model.num_layers = 1
+    config.model.dtype = "float32"  # the oracles compare float32 runs
+    config.model.spectrum_net.enabled = False  # a shorter compile; the loop is the same
+    config.model.num_classes = NUM_CLASSES
+    config.train.num_steps = args.steps
+    config.train.batch_size = config.train.ema.batch_size = args.batch_size
+    config.train.log_every = args.steps
+    config.checkpoint.every_steps = args.save_every
+    config.checkpoint.max_to_keep = 3
+    data, fsdp, tensor = (int(v) for v in args.mesh.split(","))
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+    config.mesh.dcn_data = args.dcn_data
+    config.mesh.min_fsdp_size = 256  # shard the tiny model's larger kernels over fsdp too
+    if args.coordinator:
+        config.distributed.coordinator_address = args.coordinator
+        config.distributed.num_processes = args.num_processes
+        config.distributed.process_id = args.process_id
+    return config
+
+
+def main(argv: list[str]) -> int:
+    """Run (or resume) the tiny job; returns the exit status."""
+    args = _parse(argv)
+    import jax
+
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if args.coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+    from absl import flags
+
+    from gmflow_jax import tasks
+    from gmflow_jax.train.sharded import start_distributed, train_sharded
+
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+    config = make_config(args)
+    start_distributed(config)  # before anything touches a device
+    task = tasks.make_task(config)
+    log = open(f"{args.log}.p{jax.process_index()}", "a")
+
+    def callback(event: str, fields: dict) -> None:
+        record = {"event": event, "step": int(fields["step"])}
+        if event == "start":
+            record["how"] = fields["how"]
+        elif event == "step":
+            loss = np.float32(jax.device_get(fields["metrics"]["loss"]))
+            record["loss"] = float(loss)
+            record["loss_bits"] = int(loss.view(np.uint32))
+            record["ids"] = [int(i) for i in fields["batch"]["ids"]]
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if event == "step" and args.step_delay:
+            time.sleep(args.step_delay)
+
+    with log:
+        _, state, info = train_sharded(config, args.workdir, task, callback=callback)
+        if not info["preempted"]:
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(state.params, tiled=True)
+            if args.final and jax.process_index() == 0:
+                flat = {
+                    jax.tree_util.keystr(path): np.asarray(v)
+                    for path, v in jax.tree_util.tree_flatten_with_path(params)[0]
+                }
+                np.savez(args.final, **flat)
+            log.write(json.dumps({"event": "done", "step": int(state.step)}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
