@@ -161,7 +161,7 @@ def markdown_table(summary: list[dict[str, Any]], real: dict[str, float]) -> str
     """The summary as a markdown table (one line per row and NFE)."""
     lines = [
         "| method | NFE | best acc. ↑ (w) | conf. @ best acc. | best FD ↓ (w) | "
-        "Δ mean abs @ best acc. | Δ saturated frac. @ best acc. | |x| > 1 frac. @ best acc. | "
+        "Δ mean abs @ best acc. | Δ saturated frac. @ best acc. | frac. beyond ±1 @ best acc. | "
         "best prec. ↑ (w) | recall @ best prec. | Δ mean abs @ best prec. |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -340,6 +340,7 @@ def test_saturation_statistics_match_hand_computed_values(trained):
     c = np.full((8, 8, 1), 0.98, np.float32)  # exactly at the threshold: not saturated
     c[0, 0] = -0.985  # one saturated pixel
     metrics = ev.evaluate(np.stack([a, b, c]), np.array([0, 1, 2]))
+    assert np.isnan(metrics["precision"]) and np.isnan(metrics["recall"])  # N = 3 <= k
     np.testing.assert_allclose(
         metrics["mean_abs"], (64 * 0.99 + 32 * 1.0 + 32 * 0.5 + 63 * 0.98 + 0.985) / 192, rtol=1e-6
     )

@@ -66,7 +66,7 @@ from gmflow_jax.data.digits import (
     load_digits,
 )
 from gmflow_jax.eval.frechet import feature_statistics, frechet_distance
-from gmflow_jax.eval.image_metrics import precision_recall
+from gmflow_jax.eval.image_metrics import PR_NEIGHBOURHOOD, precision_recall
 
 Array = jax.Array
 
@@ -366,7 +366,7 @@ class DigitsEvaluator:
         """Metrics of generated images [N, S, S, 1] (N >= 2) drawn for the requested labels [N].
 
         Keys: accuracy (argmax == label), fd (Fréchet distance of the features to the held-out
-        digits'), precision and recall (k = 3 against the training digits' features), mean_abs and
+        digits'), precision and recall (k = 3 against the training digits' features; NaN for N <= 3), mean_abs and
         frac_saturated (of the clipped images), mean_abs_unclipped and frac_out_of_range (|x| > 1)
         of the finite pixels as given, nonfinite_rate (images with a NaN/inf pixel), num_images,
         and the held-out references real_accuracy, real_mean_abs, real_frac_saturated,
@@ -393,7 +393,11 @@ class DigitsEvaluator:
         mu, sigma = feature_statistics(features)
         finite_abs = np.abs(raw[finite].astype(np.float64))
         clipped_stats = saturation_statistics(clipped)
-        precision, recall = precision_recall(self.train_features, features)
+        precision, recall = (  # the k-NN radii of the fake set need more than k images
+            precision_recall(self.train_features, features)
+            if n > PR_NEIGHBOURHOOD
+            else (float("nan"), float("nan"))
+        )
         return {
             "accuracy": float(np.mean(logits.argmax(-1) == labels)),
             "fd": frechet_distance(mu, sigma, self.real_mu, self.real_sigma),
