@@ -6,7 +6,6 @@ so the test checks the plumbing (train -> EMA -> sample -> score -> files), not 
 The one-step test after it builds the same jitted train step (memoized, so it is compiled once).
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
+from config_files import REPO, load_config
 from flax import nnx
 
 from gmflow_jax import main as main_module
@@ -28,16 +28,9 @@ from gmflow_jax.eval.digits import (
 from gmflow_jax.train import loop
 from gmflow_jax.train.state import init_train_state, make_train_step
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load_config(variant: str):
-    spec = importlib.util.spec_from_file_location(
-        "digits_config", os.path.join(REPO, "configs", "digits.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config("digits", variant)
 
 
 def _fill_classifier_cache(directory: str, image_size: int = 8) -> None:

@@ -6,7 +6,6 @@ path (mesh fsdp = 8) trains, evaluates (one guided GM-SDE 2 sampling call with s
 and resumes.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from config_files import REPO, load_config
 
 from gmflow_jax import tasks
 from gmflow_jax.data import latents as shards_lib
@@ -28,16 +28,9 @@ from gmflow_jax.models.gm_dit import LOGICAL_AXIS_NAMES
 from gmflow_jax.tasks.image import row_solver_config
 from gmflow_jax.train import loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load_config(variant: str):
-    spec = importlib.util.spec_from_file_location(
-        "imagenet256_config", os.path.join(REPO, "configs", "imagenet256.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config("imagenet256", variant)
 
 
 FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

@@ -1,6 +1,5 @@
 """Tests of the optimizer, EMA, train step and main job (spec §4.6, §4.7; oracle 30)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from config_files import REPO, load_config
 from flax import nnx
 
 from gmflow_jax.train import loop
@@ -28,16 +28,9 @@ from gmflow_jax.train.state import NNXDenoiser, init_train_state, make_train_ste
 apply_gradients_jit = jax.jit(apply_gradients, static_argnums=(0, 1))
 """`apply_gradients` compiled (eager op-by-op dispatch is slow on a loaded 2-core CPU)."""
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _load_config(variant: str):
-    spec = importlib.util.spec_from_file_location(
-        "checkerboard_config", os.path.join(REPO, "configs", "checkerboard.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config("checkerboard", variant)
 
 
 def _params():
