@@ -48,7 +48,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
@@ -57,6 +56,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gmflow_jax.atomic_file import write_atomic
 from gmflow_jax.data.digits import (
     HELD_OUT_PER_CLASS,
     IMAGE_SIZES,
@@ -210,18 +210,7 @@ def _flat_params(model: DigitsClassifier) -> dict[str, np.ndarray]:
 
 def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write arrays to path as npz through a temporary file in the same directory + os.replace."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: np.savez(f, **arrays), ".npz")
 
 
 def classifier_cache_path(workdir: str, image_size: int, seed: int = 0) -> str:

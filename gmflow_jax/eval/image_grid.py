@@ -13,11 +13,12 @@ function                     what it does
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from gmflow_jax.atomic_file import write_atomic
 
 PAD_VALUE = 255
 """Grey level of the padding between images and panels."""
@@ -76,17 +77,7 @@ def write_png_atomic(path: str, pixels: np.ndarray) -> None:
         )
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(pixels).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), ".png")
 
 
 def panel_grid_png(

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from gmflow_jax.atomic_file import write_atomic
 from gmflow_jax.data import latents as shards_lib
 from gmflow_jax.data.imagenet_latents import (
     LABELS_FILE,
@@ -71,17 +71,7 @@ def latent_statistics(latents: np.ndarray) -> dict[str, float]:
 
 def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
     """Write arrays to `path` as npz through a temporary file in the same directory + os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: np.savez(f, **arrays), ".npz")
 
 
 class ImageNetLatentsTask(ImageTask):
