@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from gmflow_jax import tasks
+from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.data.digits import NUM_CLASSES
 from gmflow_jax.eval.image_grid import class_mosaic, panel_grid_png
 from gmflow_jax.train import loop
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     metrics = evaluator.evaluate(images, labels)
                     metrics["confidence"] = requested_class_confidence(evaluator, images, labels)
                     results[k] = {**setting, "metrics": metrics, "sample_time_s": elapsed}
-                    loop.write_json_atomic(
+                    write_json_atomic(
                         path, {"per_class": args.per_class, "real": real, "results": results}
                     )
                     print(
@@ -364,7 +365,7 @@ def report(results, real, per_class, nfes, gm_scales, cfg_scales, path, wall) ->
         "acceptance": {"text": check, "pass": ok},
         "wall_time_s": wall,
     }
-    loop.write_json_atomic(path, payload)
+    write_json_atomic(path, payload)
     print(table)
     print(check)
     print(f"benchmark wall time {payload['wall_time_s']:.0f} s", flush=True)

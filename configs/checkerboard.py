@@ -25,30 +25,16 @@ from __future__ import annotations
 
 import ml_collections
 
+from gmflow_jax.config_variant import parse_variant
+
 SIZES = ("small", "full", "tiny")
 """Run sizes selectable by the variant string (default "small")."""
 
 
-def _parse_variant(variant: str) -> tuple[str, bool]:
-    """Split a variant string like "full_baseline" into (size, baseline)."""
-    tokens = [t for t in variant.replace(",", "_").split("_") if t]
-    size, baseline = "small", False
-    for token in tokens:
-        if token == "baseline":
-            baseline = True
-        elif token in SIZES:
-            size = token
-        else:
-            raise ValueError(
-                f"unknown checkerboard config variant token {token!r} in {variant!r}; "
-                f"allowed: {', '.join(SIZES)}, baseline"
-            )
-    return size, baseline
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The checkerboard config for `variant` ("", "baseline", "full", "full_baseline", "tiny", ...)."""
-    size, baseline = _parse_variant(variant or "")
+    size, switches = parse_variant("checkerboard", variant, SIZES, "small", ("baseline",))
+    baseline = "baseline" in switches
     config = ml_collections.ConfigDict()
     config.seed = 0  # root PRNG seed: model init, training noise, data, evaluation noise
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from gmflow_jax.config_variant import parse_variant
+
 SIZES = ("small", "tiny")
 """Run sizes selectable by the variant string (default "small")."""
 
@@ -36,23 +38,6 @@ PAPER_TRAIN_KIMG = 200_000 * 4096 / 1000
 """Images the paper's ImageNet run sees, in kimg; the EMA cap is scaled by run length / this."""
 
 
-def _parse_variant(variant: str) -> tuple[str, bool]:
-    """Split a variant string like "tiny_baseline" into (size, baseline)."""
-    tokens = [t for t in variant.replace(",", "_").split("_") if t]
-    size, baseline = "small", False
-    for token in tokens:
-        if token == "baseline":
-            baseline = True
-        elif token in SIZES:
-            size = token
-        else:
-            raise ValueError(
-                f"unknown digits config variant token {token!r} in {variant!r}; "
-                f"allowed: {', '.join(SIZES)}, baseline"
-            )
-    return size, baseline
-
-
 def scaled_ema_kimg(num_steps: int, batch_size: int) -> float:
     """The paper's EMA half-life cap (30000 kimg of 819.2M images) scaled to this run's length."""
     return PAPER_EMA_KIMG * (num_steps * batch_size / 1000) / PAPER_TRAIN_KIMG
@@ -60,7 +45,8 @@ def scaled_ema_kimg(num_steps: int, batch_size: int) -> float:
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The digits config for `variant` ("", "baseline", "tiny", "tiny_baseline")."""
-    size, baseline = _parse_variant(variant or "")
+    size, switches = parse_variant("digits", variant, SIZES, "small", ("baseline",))
+    baseline = "baseline" in switches
     config = ml_collections.ConfigDict()
     config.seed = 0  # root PRNG seed: model init, training noise, data order, evaluation noise
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from gmflow_jax.config_variant import parse_variant
+
 SIZES = ("full", "tiny")
 """Run sizes selectable by the variant string (default "full")."""
 
@@ -69,23 +71,9 @@ fsdp, the residual stream's width replicated (all-gathered from the fsdp-sharded
 hidden width over tensor."""
 
 
-def _parse_variant(variant: str) -> str:
-    """The size named by the variant string ("" -> "full")."""
-    tokens = [t for t in variant.replace(",", "_").split("_") if t]
-    size = "full"
-    for token in tokens:
-        if token not in SIZES:
-            raise ValueError(
-                f"unknown imagenet256 config variant token {token!r} in {variant!r}; "
-                f"allowed: {', '.join(SIZES)}"
-            )
-        size = token
-    return size
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The ImageNet-256 config for `variant` ("" = the paper's setting, "tiny")."""
-    size = _parse_variant(variant or "")
+    size, _ = parse_variant("imagenet256", variant, SIZES, "full")
     config = ml_collections.ConfigDict()
     config.seed = 2021  # root PRNG seed (the reference tools' default)
 

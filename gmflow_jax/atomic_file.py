@@ -1,28 +1,63 @@
-"""Atomic file writes: a temporary file in the target's directory, fsync, then `os.replace`."""
+"""Atomic file writes: a temporary file in the target's directory, fsync, then `os.replace`.
+
+Every file the project writes for a reader (metrics, indices, sample shards, PNGs, caches) goes
+through `write_atomic`, so a reader sees either the previous file or the complete new one, never a
+half-written file, even when the writer is killed (preemption, SIGKILL).
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import numpy as np
+
+TMP_PREFIX = ".tmp_"
+"""Name prefix of the temporary files (hidden; never matches a reader's glob of real outputs)."""
 
 
 def write_atomic(path: str, write: Callable[[BinaryIO], None], suffix: str = "") -> None:
     """Call `write(f)` on a temporary binary file next to `path`, then move it onto `path`.
 
     Readers see either the old file or the complete new one; on any error the temporary file is
-    removed and the error re-raised.
+    removed and the error re-raised. The file gets ordinary permissions (0644 less the umask).
     """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX, suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o644 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with numpy scalars as Python numbers and non-finite floats as None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_json_atomic(path: str, payload: Any) -> None:
+    """Write `payload` as strict, indented JSON to `path` atomically; non-finite floats become null."""
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
+    write_atomic(path, lambda f: f.write(text.encode()), ".json")

@@ -14,13 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import (
+    LOG_W_TINY,
+    check_jit_vmap_grad_bf16_float64,
+    fd_check,
+    rbg_key,
+    run32,
+    run64,
+    to_jax,
+)
 from scipy.special import logsumexp
 
 from gmflow_jax import gm as G
 from gmflow_jax.constants import PRODUCT_EPS, QUOTIENT_EPS
-
-LOG_W_TINY = math.log(1e-30)  # ~ -69.08: a component weight of 1e-30
-
 
 # ------------------------------------------------------------------------------------------------
 # numpy float64 oracles (written from the spec, independent of gmflow_jax)
@@ -67,27 +73,6 @@ def np_gauss_logpdf(x, mean, var):
     return -0.5 * np.sum((x - mean) ** 2, -1) / var[..., 0] - 0.5 * c * np.log(
         2 * np.pi * var[..., 0]
     )
-
-
-def to_jax(tree, dtype):
-    """numpy tree -> jax arrays of `dtype` (call inside `jax.enable_x64(True)` for float64)."""
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
-
-
-def run64(fn, *args):
-    """Run `fn` in float64 on numpy inputs, return numpy outputs."""
-    with jax.enable_x64(True):
-        return jax.tree.map(np.asarray, jax.jit(fn)(*to_jax(args, jnp.float64)))
-
-
-def run32(fn, *args):
-    """Run `fn` in float32 on numpy inputs, return numpy outputs."""
-    return jax.tree.map(np.asarray, jax.jit(fn)(*to_jax(args, jnp.float32)))
-
-
-def rbg_key(seed):
-    """A PRNG key of the "rbg" implementation: same API, but XLA:CPU compiles it ~3x faster."""
-    return jax.random.key(seed, impl="rbg")
 
 
 draw = jax.jit(G.gm_sample, static_argnums=2)  # (key, gm, sample_shape)
@@ -543,80 +528,11 @@ CASE_NAMES = [
 ]
 
 
-def _scalarize(out, weights):
-    return sum(jnp.sum(o * w) for o, w in zip(jax.tree.leaves(out), weights, strict=True))
-
-
-# value and gradient (w.r.t. every argument) of a weighted sum of all outputs; `fn` is static, so
-# each (fn, shapes, dtype) compiles once and is shared by the property and finite-difference tests
-_value_and_grad = jax.jit(
-    lambda fn, weights, *args: jax.value_and_grad(
-        lambda *a: _scalarize(fn(*a), weights), argnums=tuple(range(len(args)))
-    )(*args),
-    static_argnums=0,
-)
-
-
-def _weights(fn, args, rng):
-    return [rng.normal(size=o.shape) for o in jax.tree.leaves(jax.eval_shape(fn, *args))]
-
-
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_jit_vmap_grad_bf16_and_float64_recomputation(name):
     rng = np.random.default_rng(0)
     fn, args = _case_args(name, rng)
-    args = [np.asarray(a, np.float32) for a in args]  # exactly representable in both precisions
-    args32 = to_jax(args, jnp.float32)
-    jitted = jax.jit(fn)
-    out32 = jitted(*args32)
-    # vmap over a new leading axis (second copy perturbed) equals two separate calls
-    args_b = [a * 1.1 for a in args32]
-    stacked = [jnp.stack([a, b]) for a, b in zip(args32, args_b, strict=True)]
-    vm = jax.jit(jax.vmap(fn))(*stacked)
-    for i, ref in enumerate((out32, jitted(*args_b))):
-        for a, b in zip(jax.tree.leaves(vm), jax.tree.leaves(ref), strict=True):
-            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
-    # grad under jit: finite
-    _, grads = _value_and_grad(fn, to_jax(_weights(fn, args32, rng), jnp.float32), *args32)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-    # bf16 inputs are computed in float32
-    args_bf = to_jax(args, jnp.bfloat16)
-    out_bf = jitted(*args_bf)
-    ref_bf = jitted(*[a.astype(jnp.float32) for a in args_bf])
-    for a, b in zip(jax.tree.leaves(out_bf), jax.tree.leaves(ref_bf), strict=True):
-        assert a.dtype == jnp.float32
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    # float64 recomputation of the float32 result
-    out64 = run64(fn, *args)
-    for a, b in zip(jax.tree.leaves(out32), jax.tree.leaves(out64), strict=True):
-        assert a.dtype == jnp.float32 and b.dtype == np.float64
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * (np.max(np.abs(b)) + 1e-3))
-
-
-def fd_check(fn, args, rng, scales=None):
-    """AD gradient vs central finite differences of a random scalarization, in float64.
-
-    One random direction per argument (entries scaled by `scales[i]`); the FD quotient is evaluated
-    for several steps and the best one must agree to ~1e-6 relative (an AD bug agrees at no step).
-    Also checks that the float32 gradient is finite at the same point.
-    """
-    scales = scales or [1.0] * len(args)
-    weights = _weights(fn, args, rng)
-    dirs = [rng.normal(size=np.shape(a)) * sc for a, sc in zip(args, scales, strict=True)]
-    with jax.enable_x64(True):
-        a64, w64 = to_jax(args, jnp.float64), to_jax(weights, jnp.float64)
-        _, grads = _value_and_grad(fn, w64, *a64)
-        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-        ad = float(sum(jnp.sum(g * d) for g, d in zip(grads, dirs, strict=True)))
-
-        def shifted(h):
-            b = [a + h * d for a, d in zip(a64, dirs, strict=True)]
-            return float(_value_and_grad(fn, w64, *b)[0])
-
-        errs = [abs((shifted(h) - shifted(-h)) / (2 * h) - ad) for h in (1e-3, 1e-4, 1e-5, 1e-6)]
-    assert min(errs) <= 1e-6 * abs(ad) + 1e-9, (ad, errs)
-    _, g32 = _value_and_grad(fn, to_jax(weights, jnp.float32), *to_jax(args, jnp.float32))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in g32)
+    check_jit_vmap_grad_bf16_float64(fn, args, rng, vmap_scale=1.1)
 
 
 def test_gradients_match_finite_differences_at_extreme_values():

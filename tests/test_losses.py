@@ -15,6 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import (
+    LOG_W_TINY,
+    bcast,
+    check_jit_vmap_grad_bf16_float64,
+    fd_check,
+    rbg_key,
+    run32,
+    run64,
+    to_jax,
+)
 from scipy.special import logsumexp, xlogy
 
 from gmflow_jax import flow as F
@@ -22,35 +32,11 @@ from gmflow_jax import gm as G
 from gmflow_jax import losses as L
 
 T = 1000.0
-LOG_W_TINY = math.log(1e-30)
 
 
 # ------------------------------------------------------------------------------------------------
 # helpers and numpy float64 oracles
 # ------------------------------------------------------------------------------------------------
-
-
-def to_jax(tree, dtype):
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
-
-
-def run64(fn, *args):
-    with jax.enable_x64(True):
-        return jax.tree.map(np.asarray, jax.jit(fn)(*to_jax(args, jnp.float64)))
-
-
-def run32(fn, *args):
-    return jax.tree.map(np.asarray, jax.jit(fn)(*to_jax(args, jnp.float32)))
-
-
-def rbg_key(seed):
-    """A PRNG key of the "rbg" implementation (XLA:CPU compiles it much faster than threefry)."""
-    return jax.random.key(seed, impl="rbg")
-
-
-def bcast(t, ndim):
-    t = np.asarray(t, np.float64)
-    return t if t.ndim == 0 else t.reshape(t.shape + (1,) * (ndim - 1))
 
 
 def random_gm(rng, batch=(2, 2, 3), k=3, c=2, logstd_range=(-1.0, 0.5)):
@@ -421,73 +407,13 @@ def _case_args(name, rng, gm=None, t_hi=None, t_lo=None):
 CASE_NAMES = ["gm_nll", "transition_nll_loss", "flow_matching_l2_loss", "transition_pair"]
 
 
-def _scalarize(out, weights):
-    return sum(jnp.sum(o * w) for o, w in zip(jax.tree.leaves(out), weights, strict=True))
-
-
-_value_and_grad = jax.jit(
-    lambda fn, weights, *args: jax.value_and_grad(
-        lambda *a: _scalarize(fn(*a), weights), argnums=tuple(range(len(args)))
-    )(*args),
-    static_argnums=0,
-)
-
-
-def _weights(fn, args, rng):
-    return [rng.normal(size=o.shape) for o in jax.tree.leaves(jax.eval_shape(fn, *args))]
-
-
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_jit_vmap_grad_bf16_and_float64_recomputation(name):
     rng = np.random.default_rng(0)
     fn, args = _case_args(name, rng)
-    args = [np.asarray(a, np.float32) for a in args]
-    args32 = to_jax(args, jnp.float32)
-    jitted = jax.jit(fn)
-    out32 = jitted(*args32)
-    args_b = [a * 0.9 for a in args32]
-    stacked = [jnp.stack([a, b]) for a, b in zip(args32, args_b, strict=True)]
-    vm = jax.jit(jax.vmap(fn))(*stacked)
-    for i, ref in enumerate((out32, jitted(*args_b))):
-        for a, b in zip(jax.tree.leaves(vm), jax.tree.leaves(ref), strict=True):
-            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6)
-    _, grads = _value_and_grad(fn, to_jax(_weights(fn, args32, rng), jnp.float32), *args32)
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-    args_bf = to_jax(args, jnp.bfloat16)
-    out_bf = jitted(*args_bf)
-    ref_bf = jitted(*[a.astype(jnp.float32) for a in args_bf])
-    for a, b in zip(jax.tree.leaves(out_bf), jax.tree.leaves(ref_bf), strict=True):
-        assert a.dtype == jnp.float32
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-    if name != "transition_pair":  # its noise is drawn in the input dtype: not comparable
-        out64 = run64(fn, *args)
-        for a, b in zip(jax.tree.leaves(out32), jax.tree.leaves(out64), strict=True):
-            assert a.dtype == jnp.float32 and b.dtype == np.float64
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * (np.max(np.abs(b)) + 1e-3))
-
-
-def fd_check(fn, args, rng, scales):
-    """AD gradient vs central finite differences of a random scalarization, in float64.
-
-    `scales` scales the random direction of each argument (0 freezes it); the best of several FD
-    steps must agree to ~1e-6 relative. The float32 gradient at the same point must be finite.
-    """
-    weights = _weights(fn, args, rng)
-    dirs = [rng.normal(size=np.shape(a)) * sc for a, sc in zip(args, scales, strict=True)]
-    with jax.enable_x64(True):
-        a64, w64 = to_jax(args, jnp.float64), to_jax(weights, jnp.float64)
-        _, grads = _value_and_grad(fn, w64, *a64)
-        assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
-        ad = float(sum(jnp.sum(g * d) for g, d in zip(grads, dirs, strict=True)))
-
-        def shifted(h):
-            b = [a + h * d for a, d in zip(a64, dirs, strict=True)]
-            return float(_value_and_grad(fn, w64, *b)[0])
-
-        errs = [abs((shifted(h) - shifted(-h)) / (2 * h) - ad) for h in (1e-3, 1e-4, 1e-5, 1e-6)]
-    assert min(errs) <= 1e-6 * abs(ad) + 1e-9, (ad, errs)
-    _, g32 = _value_and_grad(fn, to_jax(weights, jnp.float32), *to_jax(args, jnp.float32))
-    assert all(bool(jnp.all(jnp.isfinite(g))) for g in g32)
+    check_jit_vmap_grad_bf16_float64(
+        fn, args, rng, vmap_scale=0.9, float64=name != "transition_pair"
+    )  # its noise is drawn in the input dtype: no float64 recomputation
 
 
 def test_gradients_match_finite_differences_at_extreme_values():

@@ -52,6 +52,8 @@ import grain
 import ml_dtypes
 import numpy as np
 
+from gmflow_jax.atomic_file import write_json_atomic
+
 FORMAT = "gmflow_latents/1"
 """Format tag written to and required in `index.json`."""
 
@@ -145,12 +147,7 @@ def write_index(
         **(extra or {}),
     }
     path = os.path.join(directory, INDEX_FILE)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json_atomic(path, payload)
     return path
 
 

@@ -14,12 +14,13 @@ PNGs are written atomically: to a temporary file in the target folder, then `os.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from gmflow_jax.atomic_file import write_atomic
 
 FIGURE_BINS = 200
 """Histogram bins per axis of the figure (§4.9)."""
@@ -135,16 +136,5 @@ def histogram_grid_png(
     if title:
         fig.suptitle(title, y=1.0 - 4 / height, va="top", fontsize=fontsize * 1.2)
 
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; give the figure ordinary file permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi), ".png")
     return width, height

@@ -75,6 +75,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from gmflow_jax import solvers
+from gmflow_jax.atomic_file import write_atomic
 from gmflow_jax.eval.image_metrics import PAPER_REAL_SATURATION, inception_metrics, mean_saturation
 from gmflow_jax.eval.inception import FIDInceptionV3, extract_features
 from gmflow_jax.eval.reference_batches import iter_reference_images, read_reference_batch
@@ -432,23 +433,9 @@ def local_rows(array: Array, rows: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    """Call `write(file)` on a temporary file next to `path`, fsync it, then `os.replace` it."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_shard(path: str, arrays: Sequence[np.ndarray]) -> None:
     """Write `arr_0`, `arr_1`, ... (uncompressed .npz) atomically."""
-    _atomic_write(path, lambda f: np.savez(f, *arrays))
+    write_atomic(path, lambda f: np.savez(f, *arrays))
 
 
 def _read_shard(
@@ -495,7 +482,7 @@ def _check_or_write_manifest(out_dir: str, settings: Mapping[str, Any]) -> None:
             )
         return
     text = json.dumps(new, indent=2, sort_keys=True).encode()
-    _atomic_write(path, lambda f: f.write(text))
+    write_atomic(path, lambda f: f.write(text))
 
 
 def _allgather_bool(flags: np.ndarray) -> np.ndarray:
@@ -561,7 +548,7 @@ def merge_shards(
                 _npy_header(member, (total,), LABEL_DTYPE)
                 member.write(labels_all.astype(LABEL_DTYPE).tobytes())
 
-    _atomic_write(path, write)
+    write_atomic(path, write)
     return path
 
 
@@ -706,7 +693,7 @@ def reference_features(
         inception, iter_reference_images(reference_path, batch_size), batch_size
     )
     pool = np.asarray(pool.pool, np.float32)
-    _atomic_write(cache, lambda f: np.savez(f, pool=pool, reference=np.asarray(key)))
+    write_atomic(cache, lambda f: np.savez(f, pool=pool, reference=np.asarray(key)))
     return pool
 
 
@@ -805,8 +792,8 @@ def write_sweep_tables(out_dir: str, results: Sequence[Mapping[str, Any]]) -> li
     table = best_settings(results)
     md = sweep_table_markdown(table).encode()
     js = json.dumps(table, indent=2, sort_keys=True).encode()
-    _atomic_write(os.path.join(out_dir, TABLE_MD_NAME), lambda f: f.write(md))
-    _atomic_write(os.path.join(out_dir, TABLE_JSON_NAME), lambda f: f.write(js))
+    write_atomic(os.path.join(out_dir, TABLE_MD_NAME), lambda f: f.write(md))
+    write_atomic(os.path.join(out_dir, TABLE_JSON_NAME), lambda f: f.write(js))
     return table
 
 
@@ -954,7 +941,7 @@ def run_sweep(
                     }
                     existing = read_results(results_path)
                     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*existing, row])
-                    _atomic_write(results_path, lambda f, t=text.encode(): f.write(t))
+                    write_atomic(results_path, lambda f, t=text.encode(): f.write(t))
                     log(
                         f"{solver} NFE={steps} w={w:g}: FID {metrics['fid']:.2f} IS "
                         f"{metrics['inception_score']:.1f} precision {metrics['precision']:.3f} "

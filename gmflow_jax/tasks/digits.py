@@ -34,11 +34,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.data.digits import NUM_CLASSES, load_digits
 from gmflow_jax.eval.digits import DigitsEvaluator
 from gmflow_jax.eval.image_grid import class_mosaic, panel_grid_png
 from gmflow_jax.tasks.image import ImageTask, guidance_kind, sample_images
-from gmflow_jax.train.loop import run_keys, write_json_atomic
+from gmflow_jax.train.loop import run_keys
 
 Array = jax.Array
 

@@ -24,7 +24,6 @@ the jitted sampler as a traced value, so a sweep compiles once per (row, NFE, gu
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from gmflow_jax import guidance, solvers
+from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.models.gm_dit import GMDiTConfig
 from gmflow_jax.models.image_denoiser import ImageDenoiser, SpectrumConfig, image_seams
 
@@ -108,16 +108,6 @@ def pipeline_config(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return out
 
 
-def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Write `payload` as JSON to `path` atomically (temporary file + os.replace)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ImageTask:
     """Base of the class-conditional image tasks: GM-DiT (+ SpectrumMLP) from `config.model`."""
 
@@ -159,7 +149,7 @@ class ImageTask:
         if self.model_config.mean_only:
             return
         os.makedirs(workdir, exist_ok=True)
-        _write_json_atomic(
+        write_json_atomic(
             os.path.join(workdir, PIPELINE_CONFIG_FILE), pipeline_config(self.config.model)
         )
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmflow_jax.atomic_file import write_atomic
+from gmflow_jax.atomic_file import write_atomic, write_json_atomic
 from gmflow_jax.data import latents as shards_lib
 from gmflow_jax.data.imagenet_latents import (
     LABELS_FILE,
@@ -41,7 +41,7 @@ from gmflow_jax.data.imagenet_latents import (
     synthetic_latents,
 )
 from gmflow_jax.tasks.image import ImageTask, guidance_kind, sample_images
-from gmflow_jax.train.loop import run_keys, write_json_atomic
+from gmflow_jax.train.loop import run_keys
 
 DATA_SOURCES = ("files", "synthetic")
 """`config.data.source` values."""

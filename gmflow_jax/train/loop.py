@@ -42,6 +42,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from gmflow_jax import solvers, tasks
+from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.checkpoint import Checkpointer, restore_or_init
 from gmflow_jax.data.checkerboard import checkerboard_batch
 from gmflow_jax.eval.checkerboard import checkerboard_metrics, exact_sample_floor
@@ -149,32 +150,6 @@ def check_finite_metrics(history: Sequence[tuple[int, dict[str, float]]]) -> Non
                     "was applied; lower the learning rate, or enable optimizer.skip_nonfinite / "
                     "grad_clip_norm"
                 )
-
-
-def _json_safe(value: Any) -> Any:
-    """`value` with non-finite floats replaced by None, so that the file is strict JSON."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Write `payload` as strict JSON to `path` atomically (temporary file + os.replace).
-
-    Non-finite floats are written as null.
-    """
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(payload), f, indent=2, allow_nan=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 TRAIN_LOG_FILE = "train_log.json"

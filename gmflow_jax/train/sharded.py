@@ -59,6 +59,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.parallel.sharding import (
     DEFAULT_ACTIVATION_RULES,
     DEFAULT_MIN_FSDP_SIZE,
@@ -315,9 +316,7 @@ def train_sharded(
             }
         )
         if lead:
-            loop.write_json_atomic(
-                os.path.join(workdir, loop.TRAIN_LOG_FILE), {"sessions": sessions}
-            )
+            write_json_atomic(os.path.join(workdir, loop.TRAIN_LOG_FILE), {"sessions": sessions})
     info["sessions"] = sessions
     info["train_wall_time_s"] = sum(r["wall_time_s"] for r in sessions)
     return graphdef, state, info
