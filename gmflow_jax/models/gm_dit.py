@@ -6,10 +6,10 @@ Spec `gmflow-math.md`:
 object                                   spec section
 =======================================  ==========================================================
 `GMDiTConfig`, `gm_dit_config`           §6.1 table, §8.1 (DiT sizes S/B/L/XL, patch 2/4/8)
-`GMDiT` patch embedding + positions      §6.1 step 1
+`GMDiT.trunk`: patch embed + positions   §6.1 steps 1-3 (embedding, conditioning, blocks)
 `TimestepEmbedder`, label table          §6.1 step 2
 `DiTBlock` (adaLN-Zero)                  §6.1 step 3
-`GMDiT` final layer, unpatchify, head    §6.1 steps 4-6
+`GMDiT.head`: final layer, GM head       §6.1 steps 4-6
 initialization                           §6.1 "Initialization (V1)"
 =======================================  ==========================================================
 
@@ -422,26 +422,32 @@ class GMDiT(nnx.Module):
             h = block_fn(block, h, silu_c)
         return h
 
-    def __call__(self, x: Array, t: Array, y: Array) -> GM | Array:
-        """GM over u: means `[B,H,W,K,C]`, logweights `[B,H,W,K,1]`, logstds `[B,1,1,1,1]`, float32.
+    def trunk(self, x: Array, t: Array, y: Array) -> tuple[Array, Array]:
+        """Patch embedding, positions, conditioning and the blocks (§6.1).
 
-        With `mean_only=True`, returns the mean velocity `[B, H, W, C]` float32 instead.
+        Returns the token states h `[B, N, D]` and the conditioning embedding c `[B, D]`
+        (timestep + label), both float32.
         """
         x, t, y = jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)
         self._check_inputs(x, t, y)
         cfg = self.config
         dt = cfg.compute_dtype
-        b = x.shape[0]
-
         pos = sincos_position_embedding_2d(cfg.grid_size, cfg.grid_size, cfg.hidden_size)
         h = self.patch_embed(self._patchify(x.astype(dt))).astype(jnp.float32) + pos[None]
         h = constrain(h, ("batch", "length", "embed"))
-
         c = self.time_embed(t).astype(jnp.float32) + self.label_embed(y).astype(jnp.float32)
-        silu_c = jax.nn.silu(c)
-        h = self._run_blocks(h, silu_c)
+        return self._run_blocks(h, jax.nn.silu(c)), c
 
-        shift, scale = jnp.split(self.final_modulation(silu_c), 2, axis=-1)
+    def head(self, h: Array, c: Array) -> GM | Array:
+        """The final adaLN layer and the GM head (§6.1 steps 4-6): tokens `[B, N, D]` -> GM over u.
+
+        Means `[B,H,W,K,C]`, log-softmax log-weights `[B,H,W,K,1]`, and one log-std per sample
+        `[B,1,1,1,1]` from the log-std MLP on the stop-gradient conditioning, all float32; the mean
+        velocity `[B,H,W,C]` when mean_only.
+        """
+        cfg = self.config
+        b = h.shape[0]
+        shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2, axis=-1)
         h = _modulate(_layer_norm(h, FINAL_NORM_EPS), shift, scale)
         o = self._unpatchify(self.final_proj(h).astype(jnp.float32))
         if cfg.mean_only:
@@ -456,3 +462,10 @@ class GMDiT(nnx.Module):
         lam = self.logstd_out(jax.nn.silu(self.logstd_hidden(logstd_in)))
         logstds = lam.astype(jnp.float32).reshape(b, 1, 1, 1, 1)
         return GM(means=means, logweights=logweights, logstds=logstds)
+
+    def __call__(self, x: Array, t: Array, y: Array) -> GM | Array:
+        """GM over u: means `[B,H,W,K,C]`, logweights `[B,H,W,K,1]`, logstds `[B,1,1,1,1]`, float32.
+
+        With `mean_only=True`, returns the mean velocity `[B, H, W, C]` float32 instead.
+        """
+        return self.head(*self.trunk(x, t, y))
