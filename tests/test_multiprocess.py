@@ -21,19 +21,13 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from sharded_run import write_tiny_latents
+from sharded_run import launch, write_tiny_latents
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tests", "sharded_run.py")
 TIMEOUT = 300
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-"""XLA:CPU flags of every job: compiles take about half as long (the steps are tiny)."""
 LR_STEP_TOL = 0.05 * 1e-3  # fp32 reduction order only: far below one Adam step (lr = 1e-3)
 
 
@@ -44,19 +38,11 @@ def _free_port() -> int:
 
 
 def _start(root, name, tag, *, steps, devices, extra=()):
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=REPO,
+    err = root / f"{name}.{tag}.stderr"
+    proc = launch(
+        root, name, err, devices=devices, steps=steps, batch_size=8, save_every=2, extra=extra
     )
-    args = [
-        sys.executable, SCRIPT, f"--data_dir={root / 'data'}", f"--workdir={root / name}",
-        f"--steps={steps}", "--batch_size=8", "--save_every=2", f"--log={root / name}.log",
-        f"--final={root / name}.npz", f"--cache_dir={root / 'xla_cache'}", *extra,
-    ]  # fmt: skip
-    err = open(root / f"{name}.{tag}.stderr", "w")
-    return subprocess.Popen(args, env=env, stdout=err, stderr=err, cwd=REPO), err.name
+    return proc, str(err)
 
 
 def _wait_all(procs):

@@ -30,6 +30,7 @@ from test_official_checkpoint import (
     _official_transformer_layout,
     _random_state_dict,
 )
+from test_vae import TINY_CONFIG as TINY_VAE_CONFIG
 
 from gmflow_jax import official, solvers
 from gmflow_jax import pipeline as pipeline_module
@@ -45,20 +46,8 @@ NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colab" / "sample.ipynb
 
 DIT_CONFIG = {**TINY_DIT_CONFIG, "num_embeds_ada_norm": 1000}
 
-VAE_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "act_fn": "silu",
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "scaling_factor": 0.18215,
-}
+VAE_CONFIG = {**TINY_VAE_CONFIG, "block_out_channels": [16, 32]}
+"""The tiny VAE of test_vae at half the width (the pipeline tests only need its key layout)."""
 
 WORDS = ["hummingbird", 3, "Tinca tinca"]
 LABELS = [94, 3, 0]

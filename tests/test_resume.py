@@ -19,22 +19,17 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from sharded_run import write_tiny_latents
+from sharded_run import launch, write_tiny_latents
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "tests", "sharded_run.py")
 STEPS = 6
 BATCH = 8
 NUM_EXAMPLES = 24  # 3 steps per epoch: the run covers exactly 2 epochs
 SAVE_EVERY = 2
 TIMEOUT = 300
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-"""XLA:CPU flags of every job: compiles take about half as long (the steps are tiny)."""
 RNG = np.random.default_rng(20261128)
 # SIGKILL / SIGTERM arrive once this step is logged and a checkpoint is committed (so that there is
 # something to resume)
@@ -43,20 +38,10 @@ TERM_STEP = int(RNG.integers(2, STEPS - 2))
 
 
 def _start(root, name, steps=STEPS, delay=0.0):
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {FAST_COMPILE_FLAGS}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=REPO,
-    )
-    args = [
-        sys.executable, SCRIPT, f"--data_dir={root / 'data'}", f"--workdir={root / name}",
-        f"--steps={steps}", f"--batch_size={BATCH}", f"--save_every={SAVE_EVERY}",
-        f"--log={root / name}.log", f"--final={root / name}.npz", f"--step_delay={delay}",
-        f"--cache_dir={root / 'xla_cache'}", "--mesh=2,2,1",
-    ]  # fmt: skip
-    err = open(root / f"{name}.stderr", "a")
-    return subprocess.Popen(args, env=env, stdout=err, stderr=err, cwd=REPO)
+    return launch(
+        root, name, root / f"{name}.stderr", devices=4, steps=steps, batch_size=BATCH,
+        save_every=SAVE_EVERY, extra=(f"--step_delay={delay}", "--mesh=2,2,1"),
+    )  # fmt: skip
 
 
 def _log(root, name):
