@@ -1,8 +1,11 @@
 """Atomic file writes: a temporary file in the target's directory, fsync, then `os.replace`.
 
-Every file the project writes for a reader (metrics, indices, sample shards, PNGs, caches) goes
-through `write_atomic`, so a reader sees either the previous file or the complete new one, never a
-half-written file, even when the writer is killed (preemption, SIGKILL).
+Every JSON, npz and PNG file the project writes (metrics, train logs, latent indices, sample shards,
+caches, figures) goes through `write_atomic`, so a reader sees either the previous file or the
+complete new one, never a half-written file, even when the writer is killed (preemption, SIGKILL).
+ArrayRecord shards and memory-mapped `.npy` files, whose writers open a path themselves, are written
+under a temporary name and renamed in place (`data/latents.py`, `tools/prepare_imagenet_latents.py`);
+checkpoints are orbax's (atomic by its own commit protocol).
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
+
+
+def _process_umask() -> int:
+    """The process umask, read once at import (reading it means setting it; not thread-safe later)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _process_umask()
 
 TMP_PREFIX = ".tmp_"
 """Name prefix of the temporary files (hidden; never matches a reader's glob of real outputs)."""
@@ -34,9 +47,7 @@ def write_atomic(path: str, write: Callable[[BinaryIO], None], suffix: str = "")
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o644 & ~umask)  # mkstemp creates 0600
+        os.chmod(tmp, 0o644 & ~_UMASK)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
