@@ -158,7 +158,7 @@ def head_call(model: ImageDenoiser, batch: int) -> Callable[[], Any]:
     return lambda: fwd_bwd(head_params, trunk_params, h, c)
 
 
-def fixed_params(model: ImageDenoiser, batch: int, key: Array) -> dict[str, Any]:
+def fixed_params(model: ImageDenoiser, key: Array) -> dict[str, Any]:
     """`{"out": a fixed network output of batch 1, "spectrum_net": ...}` for `FixedOutput`."""
     cfg = model.config
     shape = (1, cfg.sample_size, cfg.sample_size)
@@ -179,7 +179,7 @@ def loss_call(
 ) -> Callable[[], Any]:
     """Forward + backward of the loss alone (`loss_terms` on a `FixedOutput` network)."""
     fixed = FixedOutput(model.config.mean_only)
-    params = fixed_params(model, data["x0"].shape[0], key)
+    params = fixed_params(model, key)
 
     @jax.jit
     def fwd_bwd(params, key, x0, labels):
@@ -282,7 +282,7 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
         ],
         steps,
     )
-    fixed, free = FixedOutput(mean_only), fixed_params(model, batch, key)
+    fixed, free = FixedOutput(mean_only), fixed_params(model, key)
     (row["solver"],) = time_calls(
         [lambda: solvers.sample(fixed, free, key, data["x0"], data["labels"], scfg, w, spectrum)],
         SMALL_REPS,

@@ -1,7 +1,7 @@
 """Atomic file writes: a temporary file in the target's directory, fsync, then `os.replace`.
 
 Every JSON, npz and PNG file the project writes (metrics, train logs, latent indices, sample shards,
-caches, figures) goes through `write_atomic`, so a reader sees either the previous file or the
+caches, figures, converted weights) goes through `write_atomic`, so a reader sees either the previous file or the
 complete new one, never a half-written file, even when the writer is killed (preemption, SIGKILL).
 ArrayRecord shards and memory-mapped `.npy` files, whose writers open a path themselves, are written
 under a temporary name and renamed in place (`data/latents.py`, `tools/prepare_imagenet_latents.py`);
@@ -68,7 +68,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
+def write_json_atomic(path: str, payload: Any, sort_keys: bool = False) -> None:
     """Write `payload` as strict, indented JSON to `path` atomically; non-finite floats become null."""
-    text = json.dumps(json_safe(payload), indent=2, allow_nan=False)
+    text = json.dumps(json_safe(payload), indent=2, allow_nan=False, sort_keys=sort_keys)
     write_atomic(path, lambda f: f.write(text.encode()), ".json")
+
+
+def write_npz_atomic(path: str, *arrays: Any, **named: Any) -> None:
+    """`np.savez(path, *arrays, **named)` (uncompressed; `arr_0`, ... for positional arrays),
+    atomically; `path` is used as given (no ".npz" is appended)."""
+    write_atomic(path, lambda f: np.savez(f, *arrays, **named), ".npz")

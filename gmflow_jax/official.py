@@ -60,6 +60,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from gmflow_jax.atomic_file import write_json_atomic, write_npz_atomic
 from gmflow_jax.models.embeddings import sincos_position_embedding_2d
 from gmflow_jax.models.gm_dit import MLP_NORM_EPS, GMDiT, GMDiTConfig
 from gmflow_jax.models.spectrum_mlp import SpectrumMLP
@@ -778,12 +779,6 @@ def load_official(
 # --------------------------------------------------------------------------------------------
 
 
-def _write_json(path: str, payload: Mapping[str, Any]) -> None:
-    """Write `payload` as indented, key-sorted JSON."""
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-
-
 def convert_official_folder(
     src: str,
     out_dir: str,
@@ -814,9 +809,11 @@ def convert_official_folder(
     params = convert_transformer_state_dict(sd, config)
     del sd
     os.makedirs(os.path.join(out_dir, "transformer"), exist_ok=True)
-    np.savez(os.path.join(out_dir, "transformer", GMDIT_PARAMS_NAME), **params)
-    _write_json(
-        os.path.join(out_dir, "transformer", GMDIT_CONFIG_NAME), gm_dit_config_to_dict(config)
+    write_npz_atomic(os.path.join(out_dir, "transformer", GMDIT_PARAMS_NAME), **params)
+    write_json_atomic(
+        os.path.join(out_dir, "transformer", GMDIT_CONFIG_NAME),
+        gm_dit_config_to_dict(config),
+        sort_keys=True,
     )
     manifest["components"].append("transformer")
     manifest["weights_files"]["transformer"] = os.path.basename(weights)
@@ -828,8 +825,10 @@ def convert_official_folder(
         spec_cfg = spectrum_config_from_official(spec_dict)
         params = convert_spectrum_state_dict(spec_sd, spec_cfg["base_size"], spec_cfg["layers"])
         os.makedirs(os.path.join(out_dir, "spectrum_net"), exist_ok=True)
-        np.savez(os.path.join(out_dir, "spectrum_net", SPECTRUM_PARAMS_NAME), **params)
-        _write_json(os.path.join(out_dir, "spectrum_net", SPECTRUM_CONFIG_NAME), spec_cfg)
+        write_npz_atomic(os.path.join(out_dir, "spectrum_net", SPECTRUM_PARAMS_NAME), **params)
+        write_json_atomic(
+            os.path.join(out_dir, "spectrum_net", SPECTRUM_CONFIG_NAME), spec_cfg, sort_keys=True
+        )
         manifest["components"].append("spectrum_net")
         manifest["weights_files"]["spectrum_net"] = os.path.basename(weights)
         manifest["num_params"]["spectrum_net"] = int(sum(v.size for v in params.values()))
@@ -840,11 +839,13 @@ def convert_official_folder(
         weights = find_weights_file(vae_src, variant)
         params = convert_diffusers_state_dict(read_safetensors(weights), vae_config)
         os.makedirs(os.path.join(out_dir, "vae"), exist_ok=True)
-        np.savez(os.path.join(out_dir, "vae", VAE_PARAMS_NAME), **params)
-        _write_json(os.path.join(out_dir, "vae", VAE_CONFIG_NAME), vae_config.to_diffusers())
+        write_npz_atomic(os.path.join(out_dir, "vae", VAE_PARAMS_NAME), **params)
+        write_json_atomic(
+            os.path.join(out_dir, "vae", VAE_CONFIG_NAME), vae_config.to_diffusers(), sort_keys=True
+        )
         manifest["components"].append("vae")
         manifest["weights_files"]["vae"] = os.path.basename(weights)
         manifest["num_params"]["vae"] = int(sum(v.size for v in params.values()))
 
-    _write_json(os.path.join(out_dir, MANIFEST_NAME), manifest)
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest, sort_keys=True)
     return manifest

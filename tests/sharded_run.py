@@ -19,7 +19,6 @@ Usage: python tests/sharded_run.py --data_dir D --workdir W --steps 10 [--mesh 2
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -27,8 +26,8 @@ import sys
 import time
 
 import numpy as np
+from config_files import REPO, load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LATENT_SHAPE = (8, 8, 4)
 """Latent shape of the tiny data set."""
 
@@ -111,12 +110,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def make_config(args: argparse.Namespace):
     """`configs/imagenet256.py:tiny` on the tiny ArrayRecord set, with the command line's settings."""
-    spec = importlib.util.spec_from_file_location(
-        "imagenet256_config", os.path.join(REPO, "configs", "imagenet256.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = load_config("imagenet256", "tiny")
     config.seed = args.seed
     config.data.source, config.data.path, config.data.include_ids = "files", args.data_dir, True
     config.model.num_layers = 1

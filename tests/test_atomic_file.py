@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from gmflow_jax.atomic_file import json_safe, write_atomic, write_json_atomic
+from gmflow_jax.atomic_file import json_safe, write_atomic, write_json_atomic, write_npz_atomic
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -87,3 +87,14 @@ def test_unserializable_json_raises_before_touching_the_file(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(path, {"x": object()})
     assert json.loads(path.read_text()) == {"old": 1} and os.listdir(tmp_path) == ["m.json"]
+
+
+def test_npz_round_trips_positional_and_named_arrays_at_the_exact_path(tmp_path):
+    a, b = np.arange(6, dtype=np.int32).reshape(2, 3), np.linspace(0, 1, 5)
+    path = tmp_path / "shard"  # no ".npz": np.savez(path) would write "shard.npz"
+    write_npz_atomic(path, a, b=b)
+    assert os.listdir(tmp_path) == ["shard"]
+    with np.load(path) as z:
+        assert sorted(z.files) == ["arr_0", "b"]
+        np.testing.assert_array_equal(z["arr_0"], a)
+        np.testing.assert_array_equal(z["b"], b)

@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 from config_files import REPO, load_config
+from sharded_run import FAST_COMPILE_FLAGS
 
 from gmflow_jax import tasks
 from gmflow_jax.data import latents as shards_lib
@@ -31,10 +32,6 @@ from gmflow_jax.train import loop
 
 def _load_config(variant: str):
     return load_config("imagenet256", variant)
-
-
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-"""XLA:CPU flags of the subprocesses: compiles take about half as long (the steps are tiny)."""
 
 
 def _main(workdir, cache_dir, *overrides):

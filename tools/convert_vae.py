@@ -23,9 +23,9 @@ import json
 import os
 import sys
 
-import numpy as np
 from safetensors.numpy import load_file
 
+from gmflow_jax.atomic_file import write_json_atomic, write_npz_atomic
 from gmflow_jax.models.vae import VAEConfig, convert_diffusers_state_dict
 
 PARAMS_NAME = "vae_params.npz"
@@ -50,9 +50,8 @@ def convert_vae_dir(
     os.makedirs(out_dir, exist_ok=True)
     params_out = os.path.join(out_dir, PARAMS_NAME)
     config_out = os.path.join(out_dir, CONFIG_NAME)
-    np.savez(params_out, **params)
-    with open(config_out, "w") as f:
-        json.dump(config.to_diffusers(), f, indent=2, sort_keys=True)
+    write_npz_atomic(params_out, **params)
+    write_json_atomic(config_out, config.to_diffusers(), sort_keys=True)
     return params_out, config_out, sum(v.size for v in params.values())
 
 

@@ -56,7 +56,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gmflow_jax.atomic_file import write_atomic
+from gmflow_jax.atomic_file import write_npz_atomic
 from gmflow_jax.data.digits import (
     HELD_OUT_PER_CLASS,
     IMAGE_SIZES,
@@ -208,11 +208,6 @@ def _flat_params(model: DigitsClassifier) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays to path as npz through a temporary file in the same directory + os.replace."""
-    write_atomic(path, lambda f: np.savez(f, **arrays), ".npz")
-
-
 def classifier_cache_path(workdir: str, image_size: int, seed: int = 0) -> str:
     """Path of the cache file of a configuration: <workdir>/digits_classifier_<S>px_<hash>.npz."""
     text = _config_json(classifier_config(image_size, seed))
@@ -261,7 +256,7 @@ def load_or_train_classifier(
     arrays = {"param:" + name: value for name, value in _flat_params(model).items()}
     arrays["config"] = np.array(_config_json(config))
     arrays["held_out_accuracy"] = np.array(accuracy, np.float64)
-    _save_npz_atomic(path, arrays)
+    write_npz_atomic(path, **arrays)
     return model, accuracy
 
 

@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gmflow_jax.atomic_file import write_npz_atomic
+
 Array = jax.Array
 
 INCEPTION_SIZE = 299
@@ -576,8 +578,8 @@ def inception_from_params(
 
 
 def save_inception_params(params: Mapping[str, np.ndarray], path: str) -> None:
-    """Write converted parameters to an uncompressed .npz (keys = parameter paths)."""
-    np.savez(path, **{k: np.asarray(v, np.float32) for k, v in params.items()})
+    """Write converted parameters to an uncompressed .npz (keys = parameter paths), atomically."""
+    write_npz_atomic(path, **{k: np.asarray(v, np.float32) for k, v in params.items()})
 
 
 def load_fid_inception(

@@ -75,7 +75,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from gmflow_jax import solvers
-from gmflow_jax.atomic_file import write_atomic
+from gmflow_jax.atomic_file import write_atomic, write_npz_atomic
 from gmflow_jax.eval.image_metrics import PAPER_REAL_SATURATION, inception_metrics, mean_saturation
 from gmflow_jax.eval.inception import FIDInceptionV3, extract_features
 from gmflow_jax.eval.reference_batches import iter_reference_images, read_reference_batch
@@ -435,7 +435,7 @@ def local_rows(array: Array, rows: tuple[int, int]) -> np.ndarray:
 
 def _write_shard(path: str, arrays: Sequence[np.ndarray]) -> None:
     """Write `arr_0`, `arr_1`, ... (uncompressed .npz) atomically."""
-    write_atomic(path, lambda f: np.savez(f, *arrays))
+    write_npz_atomic(path, *arrays)
 
 
 def _read_shard(
@@ -693,7 +693,7 @@ def reference_features(
         inception, iter_reference_images(reference_path, batch_size), batch_size
     )
     pool = np.asarray(pool.pool, np.float32)
-    write_atomic(cache, lambda f: np.savez(f, pool=pool, reference=np.asarray(key)))
+    write_npz_atomic(cache, pool=pool, reference=np.asarray(key))
     return pool
 
 

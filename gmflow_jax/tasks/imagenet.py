@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmflow_jax.atomic_file import write_atomic, write_json_atomic
+from gmflow_jax.atomic_file import write_json_atomic, write_npz_atomic
 from gmflow_jax.data import latents as shards_lib
 from gmflow_jax.data.imagenet_latents import (
     LABELS_FILE,
@@ -67,11 +67,6 @@ def latent_statistics(latents: np.ndarray) -> dict[str, float]:
         "std": float(values.std()) if values.size else float("nan"),
         "nonfinite_rate": float(np.mean(~finite.reshape(x.shape[0], -1).all(axis=1))),
     }
-
-
-def _save_npz_atomic(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays to `path` as npz through a temporary file in the same directory + os.replace."""
-    write_atomic(path, lambda f: np.savez(f, **arrays), ".npz")
 
 
 class ImageNetLatentsTask(ImageTask):
@@ -216,7 +211,7 @@ class ImageNetLatentsTask(ImageTask):
                         }
                     )
                     saved[f"{row}_nfe{nfe}_w{w:g}"] = x[: int(e.save_samples)].astype(np.float16)
-        _save_npz_atomic(os.path.join(workdir, e.samples_file), saved)
+        write_npz_atomic(os.path.join(workdir, e.samples_file), **saved)
         payload = {
             "model": "flow_matching_baseline" if self.model_config.mean_only else "gmflow",
             "config": json.loads(self.config.to_json_best_effort()),
