@@ -1,6 +1,6 @@
 """Two processes x 4 fake CPU devices through jax.distributed (gloo) == one process x 8 devices.
 
-Jobs (the real training loop through tests/sharded_run.py, on the same tiny ArrayRecord set, global
+Jobs (the real training loop through tests/helpers/sharded_run.py, on the same tiny ArrayRecord set, global
 batch 8, mesh data=2 x fsdp=4):
 
 * R: one process, 8 devices, STEPS steps (the reference);
@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 import pytest
-from sharded_run import launch, write_tiny_latents
+from helpers.sharded_run import launch, write_tiny_latents
 
 TIMEOUT = 300
 LR_STEP_TOL = 0.05 * 1e-3  # fp32 reduction order only: far below one Adam step (lr = 1e-3)

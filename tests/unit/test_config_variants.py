@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from config_files import load_config
+from helpers.config_files import load_config
 
 from gmflow_jax.config_variant import parse_variant
 

@@ -1,7 +1,7 @@
-"""Crash / preemption / corruption recovery of a sharded training job (tests/sharded_run.py).
+"""Crash / preemption / corruption recovery of a sharded training job (tests/helpers/sharded_run.py).
 
 The jobs run the real training loop of `python -m gmflow_jax.main` (`train.sharded.train_sharded`,
-through the thin wrapper tests/sharded_run.py) on a mesh data=2 x fsdp=2 of 4 fake CPU devices. The
+through the thin wrapper tests/helpers/sharded_run.py) on a mesh data=2 x fsdp=2 of 4 fake CPU devices. The
 oracle is one uninterrupted run (A); three interrupted jobs must reproduce it bit for bit (losses,
 example ids per step, final parameters):
 
@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 import pytest
-from sharded_run import launch, write_tiny_latents
+from helpers.sharded_run import launch, write_tiny_latents
 
 STEPS = 6
 BATCH = 8

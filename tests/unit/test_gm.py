@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from numerics import (
+from helpers.numerics import (
     LOG_W_TINY,
     check_jit_vmap_grad_bf16_float64,
     fd_check,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from config_files import REPO, load_config
+from helpers.config_files import REPO, load_config
 from flax import nnx
 
 from gmflow_jax import main as main_module

@@ -5,7 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from oracles import exact_posterior_u_gm
+from helpers.oracles import exact_posterior_u_gm
 
 from gmflow_jax import flow, losses
 

@@ -14,8 +14,8 @@ import sys
 
 import numpy as np
 import pytest
-from config_files import REPO, load_config
-from sharded_run import FAST_COMPILE_FLAGS
+from helpers.config_files import REPO, load_config
+from helpers.sharded_run import FAST_COMPILE_FLAGS
 
 from gmflow_jax import tasks
 from gmflow_jax.data import latents as shards_lib

@@ -13,7 +13,7 @@ The loop's callback appends one JSON line per event to `--log` (per process: `<l
 example ids) and a preemption. At the end process 0 writes the final parameters (gathered from every
 process) to `--final` (npz).
 
-Usage: python tests/sharded_run.py --data_dir D --workdir W --steps 10 [--mesh 2,2,1] ...
+Usage: python tests/helpers/sharded_run.py --data_dir D --workdir W --steps 10 [--mesh 2,2,1] ...
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import time
 
 import numpy as np
-from config_files import REPO, load_config
+from helpers.config_files import REPO, load_config
 
 LATENT_SHAPE = (8, 8, 4)
 """Latent shape of the tiny data set."""
@@ -76,7 +76,7 @@ def launch(root, name: str, stderr_path, *, devices: int, steps: int, batch_size
         os.environ,
         XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}",
         JAX_PLATFORMS="cpu",
-        PYTHONPATH=REPO,
+        PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]),
     )
     args = [
         sys.executable, os.path.abspath(__file__), f"--data_dir={root / 'data'}",

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from config_files import REPO, load_config
+from helpers.config_files import REPO, load_config
 from flax import nnx
 
 from gmflow_jax.train import loop

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from oracles import exact_posterior_u_gm, gm_prior_denoiser, sample_gm_prior
+from helpers.oracles import exact_posterior_u_gm, gm_prior_denoiser, sample_gm_prior
 from scipy import stats
 
 from gmflow_jax import flow

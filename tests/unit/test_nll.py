@@ -5,7 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from oracles import gm_prior_denoiser
+from helpers.oracles import gm_prior_denoiser
 
 from gmflow_jax.eval.nll import evaluate_nll, nll_bits_per_dim
 
