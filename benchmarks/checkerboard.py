@@ -9,8 +9,10 @@ then prints:
 
 1. the metric table (solver x NFE) of both models, with the exact-sample floor, and the issue's
    acceptance comparisons (GM-SDE 2 at NFE 4 vs every baseline at NFE 8; at NFE 1 vs NFE 4);
-2. speed, measured in this run: the fp32 matmul peak (4096^2 `jnp.dot`), the K=64 train step at batch
-   4096 as a fraction of that peak (analytic MLP FLOPs: 3x the forward), sampling points/s per solver
+2. speed, measured in this run: the fp32 matmul peak (4096^2 `jnp.dot`), the K=64 and K=1 train steps
+   at batch 4096 through the mesh loop (`train.step.jit_train_step` fed by the task's batches) as a
+   fraction of that peak (analytic MLP FLOPs: 3x the forward), next to the old plain `jax.jit` of the
+   same step timed in alternating blocks, sampling points/s per solver
    at NFE 8, and the share of sampling time spent outside the network forward (the solver math).
 
 Timings need an idle machine: JAX drops to about one core under load from another process.
@@ -19,6 +21,7 @@ Timings need an idle machine: JAX drops to about one core under load from anothe
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -30,9 +33,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gmflow_jax import solvers
-from gmflow_jax.train import loop
+from gmflow_jax.data.checkerboard import checkerboard_batch
+from gmflow_jax.models.builder import build_model
+from gmflow_jax.models.denoiser import network_functions
+from gmflow_jax.parallel.sharding import process_rows
+from gmflow_jax.run import train_and_evaluate
+from gmflow_jax.tasks.checkerboard import CheckerboardTask
+from gmflow_jax.train.loop import run_mesh
 from gmflow_jax.train.optimizer import make_adamw
-from gmflow_jax.train.state import NNXDenoiser, init_train_state, make_train_step
+from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step, step_settings
+from gmflow_jax.train.task import BatchLayout, run_keys
 
 _CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "checkerboard.py"
@@ -69,34 +79,77 @@ def mlp_forward_flops(cfg) -> int:
     return 2 * (flops + m.hidden_dim * heads)
 
 
-def train_step_speed(config, batch_size: int, runs: int) -> dict:
-    """Median train-step time at `batch_size` and its fraction of the matmul peak."""
-    keys = loop.run_keys(0)
-    model = loop.build_model(config.model, keys["init"])
-    tx = make_adamw(loop.optimizer_config(config))
-    graphdef, state = init_train_state(model, tx, keys["train"])
-    step = make_train_step(
-        NNXDenoiser(graphdef),
-        tx,
-        loop.optimizer_config(config),
-        loop.ema_config(config),
-        loop.loss_config(config),
-    )
-    batch = {"x0": jax.random.normal(jax.random.PRNGKey(2), (batch_size, 1, 1, 2)) * 2.0}
-    holder = {"state": state}
+def _step_paths(config, batch_size: int):
+    """(old, new) zero-argument step runners on the same start state and data stream.
 
-    def run():
-        holder["state"], metrics = step(holder["state"], batch)
+    old: what the plain single-device loop ran before the one-path change: `jax.jit` of the pure
+    step with the state donated, batch s from a jitted `checkerboard_batch`. new: what every run
+    executes now: `jit_train_step` (shardings on the default mesh, the state donated) fed by the
+    checkerboard task's batch iterator (made on the devices in the batch sharding).
+    """
+    config = copy.deepcopy(config)
+    config.train.batch_size = batch_size
+    keys = run_keys(0)
+    opt_cfg, ema_cfg, loss_cfg = step_settings(config)
+    tx = make_adamw(opt_cfg)
+    mesh = run_mesh(config)
+
+    def model_fn():
+        return build_model(config.model, keys["init"])
+
+    _, init, shardings = init_on_mesh(model_fn, tx, keys["train"], mesh)
+    denoiser, _ = network_functions(nnx.eval_shape(model_fn))
+    pure = make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg)
+    old_step = jax.jit(pure, donate_argnums=0)
+    old_batch = jax.jit(checkerboard_batch, static_argnums=2)
+    new_step = jit_train_step(pure, mesh, shardings)
+    task = CheckerboardTask(config, keys)
+    batches = task.batches(0, BatchLayout(mesh, batch_size, process_rows(mesh, batch_size)))
+    holders = {"old": {"state": init(), "i": 0}, "new": {"state": init()}}
+
+    def old():
+        h = holders["old"]
+        h["state"], metrics = old_step(
+            h["state"], old_batch(keys["data"], jnp.int32(h["i"]), batch_size)
+        )
+        h["i"] += 1
         return metrics["loss"]
 
-    seconds = _median_time(run, runs)
+    def new():
+        h = holders["new"]
+        h["state"], metrics = new_step(h["state"], next(batches))
+        return metrics["loss"]
+
+    return old, new
+
+
+def loop_step_speed(config, batch_size: int, runs: int, steps: int = 10) -> dict:
+    """Median per-step time of the old plain step and the mesh loop's step, timed in alternating
+    blocks of `steps` steps (the same machine state for both)."""
+    old, new = _step_paths(config, batch_size)
+    times = {"old": [], "new": []}
+    for fn in (old, new):
+        jax.block_until_ready(fn())  # compile
+    for _ in range(runs):
+        for name, fn in (("old", old), ("new", new)):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = fn()
+            jax.block_until_ready(out)
+            times[name].append((time.perf_counter() - t0) / steps)
     flops = 3 * mlp_forward_flops(config) * batch_size
-    return {"step_ms": 1e3 * seconds, "gflops": flops / seconds / 1e9}
+    old_s, new_s = statistics.median(times["old"]), statistics.median(times["new"])
+    return {
+        "old_ms": 1e3 * old_s,
+        "step_ms": 1e3 * new_s,
+        "ratio": new_s / old_s,
+        "gflops": flops / new_s / 1e9,
+    }
 
 
 def sampling_speed(config, ema_params, graphdef, num_points: int, runs: int) -> list[dict]:
     """Points/s per solver at NFE 8 and the share of time outside the network forward."""
-    denoiser = NNXDenoiser(graphdef)
+    denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
     noise = jax.random.normal(jax.random.PRNGKey(3), (num_points, 1, 1, 2))
     t = jnp.full((num_points,), 500.0)
     fwd = jax.jit(lambda p, x: denoiser(p, x, t, None), static_argnums=())
@@ -136,7 +189,7 @@ def run_or_load(variant: str, workdir: str) -> dict:
     config = cb_config.get_config(variant)
     path = os.path.join(workdir, "metrics.json")
     if not os.path.exists(path):
-        loop.train_and_evaluate(config, workdir)
+        train_and_evaluate(config, workdir)
     with open(path) as f:
         return json.load(f)
 
@@ -212,16 +265,17 @@ def main() -> None:
     print(f"fp32 matmul peak (4096^2 jnp.dot): {peak:.1f} GFLOP/s")
     for variant in ("full", "full_baseline"):
         cfg = cb_config.get_config(variant)
-        speed = train_step_speed(cfg, 4096, args.runs)
+        speed = loop_step_speed(cfg, 4096, args.runs)
         print(
             f"train step, batch 4096, {'baseline' if cfg.model.mean_only else 'GMFlow K=64'}: "
-            f"{speed['step_ms']:.1f} ms, {speed['gflops']:.1f} GFLOP/s = "
-            f"{100 * speed['gflops'] / peak:.0f}% of peak"
+            f"{speed['step_ms']:.1f} ms through the mesh loop, {speed['gflops']:.1f} GFLOP/s = "
+            f"{100 * speed['gflops'] / peak:.0f}% of peak; old plain jit {speed['old_ms']:.1f} ms "
+            f"(mesh / plain = {speed['ratio']:.3f})"
         )
     for variant in ("", "baseline"):
         cfg = cb_config.get_config(variant)
-        keys = loop.run_keys(cfg.seed)
-        model = loop.build_model(cfg.model, keys["init"])
+        keys = run_keys(cfg.seed)
+        model = build_model(cfg.model, keys["init"])
         graphdef, params = nnx.split(model)  # timing does not depend on the weights
         rows = sampling_speed(cfg, params, graphdef, 50_000, args.runs)
         print(

@@ -54,7 +54,9 @@ from gmflow_jax import tasks
 from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.data.digits import NUM_CLASSES
 from gmflow_jax.eval.image_grid import class_mosaic, panel_grid_png
+from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.train import loop
+from gmflow_jax.train.task import run_keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,8 +100,9 @@ def train_or_reuse(variant: str, workdir: str, steps: int | None) -> tuple[Any, 
     if steps is not None:
         config.train.num_steps = steps
     config.eval.enabled = False
-    task = tasks.make_task(config)
-    graphdef, state, info = loop.train(config, workdir, task)
+    keys = run_keys(config.seed)
+    task = tasks.make_task(config, keys)
+    graphdef, state, info = loop.train(config, workdir, task, keys)
     return task, graphdef, state.ema_params, info
 
 
@@ -281,11 +284,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stored = json.load(f)
         if stored.get("per_class") == args.per_class:
             results = stored["results"]
-    key = jax.random.split(loop.run_keys(0)["eval"], 2)[0]
+    key = jax.random.split(run_keys(0)["eval"], 2)[0]
     plan = [("gmflow", r, gm_scales) for r in GM_ROWS] + [
         ("baseline", r, cfg_scales) for r in BASELINE_ROWS
     ]
-    seams = {name: task.seams(nnx.merge(g, ema)) for name, (task, g, ema) in runs.items()}
+    seams = {name: network_functions(nnx.merge(g, ema)) for name, (_, g, ema) in runs.items()}
     best_images = {}
     for nfe in nfes:  # NFE-major: the few-step comparisons finish first
         for model_name, row, scales in plan:

@@ -2,12 +2,12 @@
 
 Part 1, memory (no parameter is ever materialized: the state and batch are `jax.ShapeDtypeStruct`s from
 `jax.eval_shape`, and the step is only lowered and compiled): the ImageNet train step (GM-DiT-XL/2,
-K = 8, SpectrumMLP and spectral loss, bf16 compute, AdamW + EMA, spec §8.1) at 512 images per device,
+K = 8, SpectrumMLP and spectral loss, bf16 compute, AdamW + EMA, `docs/math.md` §8.1) at 512 images per device,
 with and without per-block remat, from `jax.jit(step).lower(...).compile().memory_analysis()`:
 
 * `1 dev`: one device holding the whole state (params, AdamW moments, EMA, all float32) and a batch of
   512, as one GPU of the reference's data-parallel run;
-* `fsdp=8`: the sharded step (`train.sharded`) on 8 fake devices with fsdp = 8 and a global batch of
+* `fsdp=8`: the sharded step (`train.step.jit_train_step`) on 8 fake devices with fsdp = 8 and a global batch of
   4096 (512 per device): the state is split 8 ways.
 
 Per device: `state+batch` (arguments), `temp` (activations, gradients, scratch), and `peak` = arguments
@@ -49,7 +49,7 @@ import sys
 import time
 
 REFERENCE_GB_PER_GPU = 32.0
-"""The reference's memory per A100 at 512 images per GPU (README; spec paper-facts §7)."""
+"""The reference's memory per A100 at 512 images per GPU (README; `docs/paper-facts.md` §7)."""
 
 GIB = 1024**3
 
@@ -59,8 +59,10 @@ def _build(model_name: str, remat: bool, dtype: str, scan: bool):
     import jax
     from flax import nnx
 
+    from gmflow_jax.models.builder import build_image_denoiser
+    from gmflow_jax.models.denoiser import network_functions
     from gmflow_jax.models.gm_dit import gm_dit_config
-    from gmflow_jax.models.image_denoiser import ImageDenoiser, SpectrumConfig, image_seams
+    from gmflow_jax.models.image_denoiser import SpectrumConfig
     from gmflow_jax.train.ema import EMAConfig
     from gmflow_jax.train.optimizer import OptimizerConfig, make_adamw
     from gmflow_jax.train.state import LossConfig
@@ -68,7 +70,7 @@ def _build(model_name: str, remat: bool, dtype: str, scan: bool):
     cfg = gm_dit_config(model_name, num_gaussians=8, remat=remat, dtype=dtype, scan_blocks=scan)
 
     def model_fn():
-        return ImageDenoiser(cfg, SpectrumConfig(), rngs=nnx.Rngs(params=jax.random.PRNGKey(0)))
+        return build_image_denoiser(cfg, SpectrumConfig(), jax.random.PRNGKey(0))
 
     opt = OptimizerConfig(lr=2e-4, b2=0.95, weight_decay=0.05, grad_clip_norm=10.0, clip_begin=1000)
     ema = EMAConfig(policy="rampup", batch_size=4096, ema_kimg=30000.0)
@@ -76,7 +78,7 @@ def _build(model_name: str, remat: bool, dtype: str, scan: bool):
         trans_ratio=0.5, weight_scale=2.0, t_sampler="logit_normal", prob_class=0.9,
         null_label=cfg.num_classes,
     )  # fmt: skip
-    seams = image_seams(nnx.eval_shape(model_fn))
+    seams = network_functions(nnx.eval_shape(model_fn))
     return model_fn, make_adamw(opt), opt, ema, loss, seams, cfg
 
 
@@ -87,36 +89,24 @@ def _memory_row(model_name: str, remat: bool, dtype: str, per_device: int, fsdp:
 
     from gmflow_jax.parallel.mesh import make_mesh
     from gmflow_jax.parallel.sharding import batch_sharding
-    from gmflow_jax.train.sharded import sharded_init, sharded_train_step
-    from gmflow_jax.train.state import init_train_state, make_train_step
+    from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step
 
     model_fn, tx, opt, ema, loss, (denoiser, spectrum), cfg = _build(
         model_name, remat, dtype, scan=True
     )
     shape = (cfg.sample_size, cfg.sample_size, cfg.in_channels)
     t0 = time.perf_counter()
-    if fsdp == 1:
-        key = jax.random.PRNGKey(1)
-        state = jax.eval_shape(lambda: init_train_state(model_fn(), tx, key)[1])
-        batch = {
-            "x0": jax.ShapeDtypeStruct((per_device, *shape), jnp.float32),
-            "labels": jax.ShapeDtypeStruct((per_device,), jnp.int32),
-        }
-        step = make_train_step(denoiser, tx, opt, ema, loss, spectrum)
-        compiled = step.lower(state, batch).compile()
-    else:
-        mesh = make_mesh({"data": 1, "fsdp": fsdp}, devices=jax.devices()[:fsdp])
-        _, init, shardings = sharded_init(model_fn, tx, jax.random.PRNGKey(1), mesh)
-        state = jax.eval_shape(init)
-        sharding = batch_sharding(mesh)
-        batch = {
-            "x0": jax.ShapeDtypeStruct((per_device * fsdp, *shape), jnp.float32, sharding=sharding),
-            "labels": jax.ShapeDtypeStruct((per_device * fsdp,), jnp.int32, sharding=sharding),
-        }
-        step = sharded_train_step(
-            denoiser, tx, opt, ema, loss, spectrum, mesh=mesh, state_shardings=shardings
-        )
-        compiled = step.lower(state, batch).compile()
+    # One device is a mesh of one device: the same jitted, sharded step as fsdp = 8.
+    mesh = make_mesh({"data": 1, "fsdp": fsdp}, devices=jax.devices()[:fsdp])
+    _, init, shardings = init_on_mesh(model_fn, tx, jax.random.PRNGKey(1), mesh)
+    state = jax.eval_shape(init)
+    sharding = batch_sharding(mesh)
+    batch = {
+        "x0": jax.ShapeDtypeStruct((per_device * fsdp, *shape), jnp.float32, sharding=sharding),
+        "labels": jax.ShapeDtypeStruct((per_device * fsdp,), jnp.int32, sharding=sharding),
+    }
+    step = jit_train_step(make_train_step(denoiser, tx, opt, ema, loss, spectrum), mesh, shardings)
+    compiled = step.lower(state, batch).compile()
     stats = compiled.memory_analysis()
     params = sum(x.size for x in jax.tree.leaves(state.params))
     peak = (
@@ -147,7 +137,7 @@ def _time_row(model_name: str, batch: int, mesh_kind: str, steps: int) -> dict:
 
     from gmflow_jax.parallel.mesh import make_mesh
     from gmflow_jax.parallel.sharding import global_batch
-    from gmflow_jax.train.sharded import sharded_init, sharded_train_step
+    from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step
 
     # Unrolled blocks: XLA:CPU can deadlock on collectives inside a while loop (nnx.scan) when its
     # thunk executor runs an independent collective first on one fake device (seen with fsdp = 2).
@@ -158,11 +148,9 @@ def _time_row(model_name: str, batch: int, mesh_kind: str, steps: int) -> dict:
     mesh = make_mesh(
         {"data": n if mesh_kind == "data" else 1, "fsdp": n if mesh_kind == "fsdp" else 1}
     )
-    _, init, shardings = sharded_init(model_fn, tx, jax.random.PRNGKey(1), mesh)
+    _, init, shardings = init_on_mesh(model_fn, tx, jax.random.PRNGKey(1), mesh)
     state = init()
-    step = sharded_train_step(
-        denoiser, tx, opt, ema, loss, spectrum, mesh=mesh, state_shardings=shardings
-    )
+    step = jit_train_step(make_train_step(denoiser, tx, opt, ema, loss, spectrum), mesh, shardings)
     rs = np.random.default_rng(0)
     host = {
         "x0": rs.normal(size=(batch, cfg.sample_size, cfg.sample_size, 4)).astype(np.float32),

@@ -7,7 +7,7 @@ call, each `block_until_ready`):
 ==============  ====================================================================================
 column          what is timed
 ==============  ====================================================================================
-`step`          the real jitted train step (`train.state.make_train_step`): label dropout,
+`step`          the real train step (`train.step.make_train_step`, jitted, donating): label dropout,
                 transition pair, network forward + backward, transition GM-NLL (+ spectral loss with
                 KR transport, Hartley transform and the SpectrumMLP for K = 8) or flow-matching L2,
                 AdamW, EMA
@@ -51,16 +51,14 @@ from flax import nnx
 
 from gmflow_jax import solvers
 from gmflow_jax.gm import GM
+from gmflow_jax.models.builder import build_image_denoiser
+from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.models.gm_dit import gm_dit_config
-from gmflow_jax.models.image_denoiser import (
-    SPECTRUM_NET,
-    ImageDenoiser,
-    SpectrumConfig,
-    image_seams,
-)
+from gmflow_jax.models.image_denoiser import SPECTRUM_NET, ImageDenoiser, SpectrumConfig
 from gmflow_jax.train.ema import EMAConfig, ema_beta, ema_update
 from gmflow_jax.train.optimizer import OptimizerConfig, apply_gradients, make_adamw
-from gmflow_jax.train.state import LossConfig, init_train_state, loss_terms, make_train_step
+from gmflow_jax.train.state import LossConfig, init_train_state, loss_terms
+from gmflow_jax.train.step import make_train_step
 
 Array = jax.Array
 
@@ -205,9 +203,9 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
         dtype=dtype,
     )
     spec = None if mean_only else SpectrumConfig((4, 32, 32), (64, 8))
-    model = ImageDenoiser(cfg, spec, rngs=nnx.Rngs(0))
+    model = build_image_denoiser(cfg, spec, jax.random.PRNGKey(0))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
-    denoiser, spectrum = image_seams(model)
+    denoiser, spectrum = network_functions(model)
     opt_cfg = OptimizerConfig(
         lr=2e-4,
         b2=0.95,
@@ -235,7 +233,9 @@ def measure(name: str, k: int, batch: int, steps: int, nfe: int, dtype: str) -> 
     row: dict[str, Any] = {"model": name, "K": k, "params": n_params}
     calls = []
     for fn in (
-        make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum),
+        jax.jit(
+            make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum), donate_argnums=0
+        ),
         trivial_step(denoiser, tx, opt_cfg, ema_cfg),
     ):
         state = init_train_state(model, tx, key)[1]

@@ -12,9 +12,13 @@ Variants, chosen by the suffix after the file name (tokens joined by "_"):
                   plus 16 evaluations of 50k samples (about 2.5 min), about 8 min in all on an idle
                   2-core CPU (see the README for the measured time);
 * `baseline`      the same, flow-matching baseline (mean-only head, L2 loss, baseline solvers);
-* `full`          the paper's setting (spec `gmflow-math.md` §8.3): batch 4096, 200k iterations,
+* `full`          the paper's setting (`docs/math.md` §8.3): batch 4096, 200k iterations,
                   10^6 evaluation samples; `full_baseline` for its baseline;
 * `tiny`          a seconds-long smoke run for tests; `tiny_baseline` for its baseline.
+* `classes`       the class-conditional checkerboard (issue 16; any size, with or without
+                  `baseline`): each white cell is a class, label dropout 0.1 to the null label 8,
+                  evaluated by the guidance sweep (precision / within-cell fidelity / over-shoot
+                  per row, NFE and guidance scale; `gmflow_jax/tasks/checkerboard_classes.py`).
 
 e.g. `--config=configs/checkerboard.py:full`. Any field can be overridden on the command line, e.g.
 `--config.train.num_steps=100` or `--config.model.mean_only=True` (which also switches the evaluated
@@ -33,7 +37,7 @@ SIZES = ("small", "full", "tiny")
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     """The checkerboard config for `variant` ("", "baseline", "full", "full_baseline", "tiny", ...)."""
-    size, switches = parse_variant("checkerboard", variant, SIZES, "small", ("baseline",))
+    size, switches = parse_variant("checkerboard", variant, SIZES, "small", ("baseline", "classes"))
     baseline = "baseline" in switches
     config = ml_collections.ConfigDict()
     config.seed = 0  # root PRNG seed: model init, training noise, data, evaluation noise
@@ -84,14 +88,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema.beta = 0.999  # fixed: the constant beta
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.gm_solvers = (  # GMFlow rows: (solver, order)
-        ("gm_sde", 1),
-        ("gm_sde", 2),
-        ("gm_ode", 1),
-        ("gm_ode", 2),
-    )
+    # GMFlow rows, in the sampler-row grammar of gmflow_jax/solvers/config.py (`_2` = 2nd order).
+    config.sample.gm_solvers = ("gm_sde", "gm_sde_2", "gm_ode", "gm_ode_2")
     config.sample.gm_nfes = (1, 2, 4, 8)  # GMFlow columns: network evaluations
-    config.sample.baseline_solvers = (  # baseline rows
+    config.sample.baseline_solvers = (  # baseline rows (sampler-row grammar)
         "euler",
         "ddpm_small",
         "ddpm_large",
@@ -136,7 +136,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train.log_every = 2
         config.train.optimizer.warmup_iters = 2
         config.train.ema.batch_size = 64
-        config.sample.gm_solvers = (("gm_sde", 1), ("gm_ode", 2))
+        config.sample.gm_solvers = ("gm_sde", "gm_ode_2")
         config.sample.gm_nfes = (1, 2)
         config.sample.baseline_solvers = ("euler", "dpmpp_2m")
         config.sample.baseline_nfes = (1, 2)
@@ -144,4 +144,34 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.sample.batch_size = 256
         config.eval.num_samples = 512
         config.checkpoint.every_steps = 2
+    if "classes" in switches:
+        _class_conditional(config, size)
     return config
+
+
+def _class_conditional(config: ml_collections.ConfigDict, size: str) -> None:
+    """The `classes` switch: class-conditional data, label dropout and the guidance sweep."""
+    config.data.name = "checkerboard_classes"  # white cell c = class c, uniform on it
+    config.model.num_classes = 8  # label table rows 0..7 plus the null label 8 (§4.4)
+    config.train.prob_class = 0.9  # keep a label with this probability, else null (§4.4)
+    config.sample.gm_rows = ("gm_sde_2", "gm_ode_2")  # GMFlow rows, probabilistic guidance
+    config.sample.baseline_solvers = ("euler", "ddpm_small", "dpmpp_2m")  # baseline rows, CFG
+    config.sample.guidance_nfes = (4, 8, 32)  # network evaluations of the sweep
+    config.sample.guidance_scales = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # probabilistic w
+    config.sample.cfg_scales = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # CFG w (1 = unguided)
+    # Why 0: the orthogonal projection removes the bias along m_c, i.e. along the ray from the
+    # board's centre to the predicted point, which in 2-D is the outward direction of the corner
+    # cells: it would hide exactly the over-shoot this sweep measures.
+    config.sample.orthogonal_guidance = 0.0
+    config.sample.batch_size = 8000  # points per jitted sampler call
+    config.eval.per_class = 1000  # samples per class and setting (8000 per setting)
+    config.eval.grid_nfe = 8  # NFE of the sample-grid figure
+    if size == "tiny":
+        config.sample.gm_rows = ("gm_sde_2",)
+        config.sample.baseline_solvers = ("euler",)
+        config.sample.guidance_nfes = (2,)
+        config.sample.guidance_scales = (0.0, 0.5)
+        config.sample.cfg_scales = (1.0, 3.0)
+        config.sample.batch_size = 128
+        config.eval.per_class = 16
+        config.eval.grid_nfe = 2

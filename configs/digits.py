@@ -8,7 +8,7 @@ when training already finished):
 
 Variants, chosen by the suffix after the file name (tokens joined by "_"):
 
-* (none)      GMFlow on scikit-learn's 8x8 digits, the ImageNet recipe (spec §8.1) scaled down: a
+* (none)      GMFlow on scikit-learn's 8x8 digits, the ImageNet recipe (`docs/math.md` §8.1) scaled down: a
               small GM-DiT, trans_ratio 0.5, logit-normal t, label dropout 0.1, SpectrumMLP, AdamW
               (0.9, 0.95) wd 0.05 with warm-up and clipping, EMA rampup scaled to the run; 3000
               steps of 128 took 20.5 minutes on 2 CPU cores shared with other jobs (0.37 s/step),
@@ -111,7 +111,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema.beta = 0.999  # fixed only (unused)
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.gm_solvers = ("gm_sde_2", "gm_ode_2")  # GMFlow rows (tasks.image row names)
+    config.sample.gm_solvers = ("gm_sde_2", "gm_ode_2")  # GMFlow rows (sampler-row grammar, solvers.config)
     config.sample.gm_nfes = (4, 8, 32)  # GMFlow network evaluations
     config.sample.guidance_scales = (0.0, 0.3)  # probabilistic guidance w in [0, 1)
     config.sample.baseline_solvers = ("euler", "ddpm_small", "dpmpp_2m")  # baseline rows

@@ -1,4 +1,4 @@
-"""ImageNet 256x256 class-conditional GMFlow: the paper's recipe (spec §8.1) on prepared VAE latents.
+"""ImageNet 256x256 class-conditional GMFlow: the paper's recipe (`docs/math.md` §8.1) on prepared VAE latents.
 
 Prepare the latents once (`tools/prepare_imagenet_latents.py`, see `gmflow_jax.data.imagenet_latents`
 for the format), then launch from the repository root (rerunning the same command resumes):
@@ -10,7 +10,7 @@ for the format), then launch from the repository root (rerunning the same comman
 Without prepared latents the run stops at once with that instruction. Multi-host launches: see
 `launch/README.md`.
 
-Pod scale (`gmflow_jax.train.sharded.train_sharded`, used because this config has a `mesh` section):
+Pod scale (`gmflow_jax.train.loop.train`, on the mesh of the `mesh` section):
 the mesh axes data x fsdp x tensor come from `config.mesh` (default: every device on fsdp, so
 parameters, AdamW moments and EMA are split ZeRO-3 style; multi-slice: `dcn_data` = slices), the
 batch is split over data x fsdp, each process reads only its rows, SIGTERM checkpoints and exits with
@@ -141,7 +141,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema.beta = 0.999  # fixed only (unused)
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.gm_solvers = ("gm_ode_2",)  # evaluation row (tasks.image row names)
+    config.sample.gm_solvers = ("gm_ode_2",)  # evaluation row (sampler-row grammar, solvers.config)
     config.sample.gm_nfes = (16,)  # outer steps
     config.sample.guidance_scales = (0.04,)  # probabilistic guidance w
     config.sample.baseline_solvers = ("euler",)  # rows for a mean-only model

@@ -16,7 +16,7 @@ Resume order of `restore_or_init`:
 3. else a fresh state from `init_fn`.
 
 Restoring onto another mesh or device count: the restore target is `jax.eval_shape(init_fn)`, whose
-leaves carry the shardings of `init_fn`'s outputs (e.g. the jitted init of `train.sharded.sharded_init`
+leaves carry the shardings of `init_fn`'s outputs (e.g. the jitted init of `train.step.init_on_mesh`
 on the new mesh), and orbax reads every array straight into those shardings.
 
 With several processes every decision that changes the control flow is taken jointly: a step counts as
@@ -337,7 +337,7 @@ def restore_or_init(
     (grain) is restored in place when the step holds its state for this process; the description
     says whether it was.
 
-    For a sharded run pass the jitted init of `train.sharded.sharded_init`: the restore target then
+    For a sharded run pass the jitted init of `train.step.init_on_mesh`: the restore target then
     carries the (new) mesh's shardings.
     """
     abstract = jax.eval_shape(init_fn)

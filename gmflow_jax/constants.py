@@ -1,4 +1,4 @@
-"""Named constants of the GMFlow math, exactly as in `gmflow-math.md` §8.4 (one place for every epsilon)."""
+"""Named constants of the GMFlow math, exactly as in `docs/math.md` §8.4 (one place for every epsilon)."""
 
 NUM_TIMESTEPS = 1000.0
 """T: time units; sigma = t / T, and the network's time input lies in [0, T] (§1.1)."""

@@ -1,9 +1,9 @@
 """The flow-matching noise process: schedule, time samplers, grids, transitions, GM conversions.
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 ======================================  ===============================================================
-function                                spec section
+function                                docs/math.md
 ======================================  ===============================================================
 `sigma_alpha`                           §1.1 sigma = t / T, alpha = 1 - sigma
 `shift_warp`                            §1.2 timestep shift

@@ -1,9 +1,9 @@
 """The per-pixel Gaussian mixture (GM) with one shared isotropic std, and its distribution math.
 
-Spec `gmflow-math.md`, channel-last layout (§0.1):
+Reference `docs/math.md`, channel-last layout (§0.1):
 
 =====================================  =====================================================
-function                               spec section
+function                               docs/math.md
 =====================================  =====================================================
 `GM` (means, log-weights, log-std)     §0.2
 `gm_mean`                              §2.1 mean

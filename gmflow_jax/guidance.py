@@ -1,9 +1,9 @@
 """Guidance: probabilistic guidance folded into the GM, and classifier-free guidance baselines.
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 ===============================  =================================================================
-function                         spec section
+function                         docs/math.md
 ===============================  =================================================================
 `check_guidance_scale`           §5.3 valid range 0 <= w < 1
 `spatial_mean`                   §0.3 <a>: mean over all non-batch axes, kept as `[B, 1, ..., 1]`

@@ -1,9 +1,9 @@
 """Training objectives: the transition pair, the transition GM-NLL, and the flow-matching baseline loss.
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 =============================  ======================================================================
-function                       spec section
+function                       docs/math.md
 =============================  ======================================================================
 `transition_pair`              §4.1 steps 1-4 (t_high, t_low, x_{t_low}, x_{t_high}), float32
 `gm_nll`                       §4.2 per-pixel GM NLL with the 1e4 inverse-std cap

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gmflow_jax.run import train_and_evaluate
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to a config file, optionally with ':variant'.", lock_config=True
 )
@@ -22,8 +24,6 @@ def main(argv: Sequence[str]) -> None:
     """Run `train_and_evaluate` with the parsed config and workdir."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {' '.join(argv[1:])}")
-    from gmflow_jax.train.loop import train_and_evaluate
-
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 shows them
         logging.set_verbosity(logging.WARNING)
 

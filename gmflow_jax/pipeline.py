@@ -1,17 +1,17 @@
-"""GMFlowPipeline: class-conditional image sampling with a GM-DiT (spec §5.2, §5.7, §7 defaults).
+"""GMFlowPipeline: class-conditional image sampling with a GM-DiT (`docs/math.md` §5.2, §5.7, §7 defaults).
 
 ```python
 from gmflow_jax.pipeline import GMFlowPipeline
 
 pipe = GMFlowPipeline.from_official("gmflow_imagenet_k8_ema")  # raw diffusers folder or converted
 images = pipe(pipe.get_label_ids(["jay", "magpie"]), guidance_scale=0.45, num_steps=32,
-              num_substeps=4, solver="gm_ode2", seed=42)  # uint8 [2, 256, 256, 3]
+              num_substeps=4, solver="gm_ode_2", seed=42)  # uint8 [2, 256, 256, 3]
 ```
 
 ==============================  ==============================================================
 name                            what it is
 ==============================  ==============================================================
-`GMFlowPipeline.from_official`  the official checkpoint (`gmflow_jax.official`): a folder written
+`GMFlowPipeline.from_official`  the official checkpoint (`gmflow_jax.interop`): a folder written
                                 by `tools/convert_official_checkpoint.py`, or the raw diffusers
                                 folder (converted in memory)
 `GMFlowPipeline.from_checkpoint`  EMA parameters of one of our training runs (orbax, the newest
@@ -22,31 +22,31 @@ name                            what it is
                                 `gmflow_jax/data/imagenet_classes.txt`, case-insensitive)
 ==============================  ==============================================================
 
-Solvers (`solver=`), each one jitted `gmflow_jax.solvers.sample` call over the whole batch:
+Solvers (`solver=`): a sampler row of the grammar in `gmflow_jax.solvers.config` (one spelling
+everywhere; the older `gm_ode2` / `gm_sde2` are accepted as `gm_ode_2` / `gm_sde_2`), sampled by the
+one sampling driver (`gmflow_jax.sampling.driver`) over this process's devices:
 
-==================  ==========================================================================
-name                sampler
-==================  ==========================================================================
-`gm_ode2`           GM-ODE 2: Euler on the GM mean, 2nd order (§5.5), `num_substeps` analytic
-                    substeps (§5.6); default substeps ceil(128 / num_steps) (4 for 32 steps,
-                    16 for 8: the §7 evaluation pairs)
-`gm_ode`            GM-ODE (1st order), substeps as above
-`gm_sde2`           GM-SDE 2: GM-SDE scheduler in sample mode, 2nd order; spectral sampling
-                    (§5.7) when a SpectrumMLP is loaded; 1 substep
-`gm_sde`            GM-SDE (1st order), spectral as above
-`euler`,            baselines on the GM mean (§5.1, §5.9): Euler ODE, DDPM small/large variance,
-`ddpm_small`,       DPM-Solver++(2M) and SDE-DPM-Solver++(2M); unguided only (probabilistic
-`ddpm_large`,       guidance needs a GM solver)
+=========================  ===================================================================
+row                        sampler
+=========================  ===================================================================
+`gm_ode_2`, `gm_ode`       GM-ODE 2 / GM-ODE: Euler on the GM mean, 2nd / 1st order (§5.5),
+                           `num_substeps` analytic substeps (§5.6); default ceil(128 /
+                           num_steps) (4 for 32 steps, 16 for 8: the §7 evaluation pairs);
+                           `_nosub` rows take 1
+`gm_sde_2`, `gm_sde`       GM-SDE 2 / GM-SDE: GM-SDE scheduler in sample mode; spectral
+                           sampling (§5.7) when a SpectrumMLP is loaded, unless `_nospec`
+`euler`, `ddpm_small`,     baselines on the GM mean (§5.1, §5.9); unguided only here (the
+`ddpm_large`,              pipeline's scale is probabilistic guidance, which needs a GM solver)
 `dpmpp_2m`,
 `dpmpp_2m_sde`
-==================  ==========================================================================
+=========================  ===================================================================
 
 Guidance is probabilistic guidance (§5.3) with scale `w` in [0, 1) (0 disables it); the
 unconditional label is `num_classes` (the null row of the label table). Random streams: with
 `key = PRNGKey(seed)` and `noise_key, sample_key = split(key)`, the initial noise is
 `normal(noise_key, [N, h, w, C])` for the whole batch, and chunk j of a `batch_size`-chunked call
-uses `fold_in(sample_key, j)` (one chunk: j = 0); GM-ODE results are therefore independent of
-`batch_size`, GM-SDE results are not.
+uses `fold_in(sample_key, j)` (one chunk: j = 0; `sampling.streams.batch_streams`); GM-ODE results
+are therefore independent of `batch_size`, GM-SDE results are not.
 
 `from_checkpoint(path)`: `path` is a training workdir holding `checkpoints/` or the checkpoint
 directory itself (numbered orbax steps, item "state" = the `TrainState`). The GM-DiT config is not
@@ -64,14 +64,16 @@ directory), or passed as `config=` (a dict or a path):
 ```
 
 `model` holds `GMDiTConfig` fields (omitted ones take their defaults); `spectrum_net` (optional)
-means the checkpoint's `ema_params` is `{"denoiser": <GM-DiT state>, "spectrum_net": <SpectrumMLP
-state>}`, otherwise `ema_params` is the GM-DiT state itself; `vae` (optional) is a VAE folder
-(converted, or diffusers), relative to the config file.
+adds the SpectrumMLP. The checkpoint's `ema_params` is the state of the `ImageDenoiser` that
+`gmflow_jax.models.builder.build_model` builds from this config (as training does):
+`{"denoiser": <GM-DiT state>, "spectrum_net": <SpectrumMLP state>}`, or `{"denoiser": <GM-DiT
+state>}` without `spectrum_net`. `vae` (optional) is a VAE folder (converted, or diffusers),
+relative to the config file. The SpectrumMLP computes in float32 whatever the `dtype`
+(`gmflow_jax.models.image_denoiser`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import functools
 import importlib.resources
@@ -89,25 +91,20 @@ from flax import nnx
 
 from gmflow_jax import solvers
 from gmflow_jax.checkpoint import restore_weights
+from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
+from gmflow_jax.models.builder import abstract_model, model_config_from_pipeline_config
+from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.models.gm_dit import GMDiT
+from gmflow_jax.models.image_denoiser import ImageDenoiser
 from gmflow_jax.models.spectrum_mlp import SpectrumMLP
 from gmflow_jax.models.vae import AutoencoderKL, latents_to_images
-from gmflow_jax.official import gm_dit_config_from_dict, load_official, load_vae_folder
+from gmflow_jax.sampling.driver import SamplingDriver
+from gmflow_jax.sampling.streams import batch_streams
 
 Array = jax.Array
 
-SOLVER_NAMES: dict[str, tuple[str, int]] = {
-    "gm_ode2": ("gm_ode", 2),
-    "gm_sde2": ("gm_sde", 2),
-    "gm_ode": ("gm_ode", 1),
-    "gm_sde": ("gm_sde", 1),
-    "euler": ("euler", 1),
-    "ddpm_small": ("ddpm_small", 1),
-    "ddpm_large": ("ddpm_large", 1),
-    "dpmpp_2m": ("dpmpp_2m", 1),
-    "dpmpp_2m_sde": ("dpmpp_2m_sde", 1),
-}
-"""Pipeline solver name -> (`solvers.SolverConfig.solver`, order)."""
+DEFAULT_SOLVER = "gm_ode_2"
+"""Pipeline/README default sampler row (§7)."""
 
 DEFAULT_GUIDANCE_SCALE = 0.45
 """Pipeline/README default probabilistic guidance scale (§7)."""
@@ -203,21 +200,8 @@ def label_ids_from_words(words: str | Sequence[str], class_names: Sequence[str])
 
 
 # --------------------------------------------------------------------------------------------
-# Static seams for the jitted sampler and decoder
+# The jitted decoder
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Component:
-    """Call a network from its graphdef on `params[name]`; hashable (a static jit argument)."""
-
-    graphdef: nnx.GraphDef
-    name: str
-
-    def __call__(self, params: Mapping[str, Any], *args: Array) -> Any:
-        """Evaluate the network on `params[name]` with positional inputs `args`."""
-        state = params[self.name]
-        return nnx.merge(self.graphdef, state)(*args)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -254,33 +238,25 @@ class GMFlowPipeline:
         *,
         class_names: Sequence[str] | None = None,
     ):
-        """Wrap loaded networks; `class_names` defaults to ImageNet's for a 1000-class model."""
+        """Wrap loaded networks; `class_names` defaults to ImageNet's for a 1000-class model.
+
+        The GM-DiT and the (float32) SpectrumMLP become one `ImageDenoiser`; `params` is its
+        state and `_denoiser` / `_spectrum` its `models.denoiser.network_functions`.
+        """
         if not isinstance(model, GMDiT):
             raise ValueError(f"model must be a GMDiT, got {type(model).__name__}")
         if model.config.mean_only:
             raise ValueError("model must be a GM-DiT with a GM head, got a mean_only model")
         self.config = model.config
-        c, s = self.config.in_channels, self.config.sample_size
-        if spectrum_net is not None:
-            bc, bh, bw = spectrum_net.base_size
-            if bc != c or not ((bh, bw) == (s, s) or (s < bh and s < bw)):
-                raise ValueError(
-                    f"spectrum_net base_size {spectrum_net.base_size} does not fit latents "
-                    f"[{s}, {s}, {c}]: channels must match and the size must be <= the base"
-                )
+        c = self.config.in_channels
         if vae is not None and vae.config.latent_channels != c:
             raise ValueError(
                 f"vae latent_channels={vae.config.latent_channels} differs from the model's "
                 f"in_channels={c}"
             )
-        model_graphdef, model_state = nnx.split(model)
-        self._denoiser = _Component(model_graphdef, "denoiser")
-        self.params: dict[str, Any] = {"denoiser": model_state, "spectrum_net": None}
-        self._spectrum = None
-        if spectrum_net is not None:
-            spec_graphdef, spec_state = nnx.split(spectrum_net)
-            self._spectrum = _Component(spec_graphdef, "spectrum_net")
-            self.params["spectrum_net"] = spec_state
+        self.model = ImageDenoiser(model, spectrum_net)
+        self._denoiser, self._spectrum = network_functions(self.model)
+        self.params: nnx.State = nnx.split(self.model)[1]
         self._vae = nnx.split(vae) if vae is not None else None
         if class_names is not None and len(class_names) != self.config.num_classes:
             raise ValueError(
@@ -288,6 +264,7 @@ class GMFlowPipeline:
                 f"{self.config.num_classes} classes"
             )
         self._class_names = list(class_names) if class_names is not None else None
+        self._driver: SamplingDriver | None = None
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -345,45 +322,18 @@ class GMFlowPipeline:
             config_dir = os.path.dirname(os.path.abspath(config))
             with open(config) as f:
                 config = json.load(f)
-        if not isinstance(config, Mapping) or "model" not in config:
-            raise ValueError(
-                "config must be a mapping with a 'model' entry (GMDiTConfig fields), got "
-                f"{type(config).__name__} with keys {sorted(config) if isinstance(config, Mapping) else []}"
-            )
         overrides = {"remat": False}
         if dtype is not None:
             overrides["dtype"] = dtype
-        model_cfg = gm_dit_config_from_dict(config["model"], **overrides)
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: GMDiT(model_cfg, rngs=nnx.Rngs(0))))
-        spec_cfg = config.get("spectrum_net")
-        spec_dtype = model_cfg.dtype
-        if spec_cfg:
-            spec_graphdef, spec_abstract = nnx.split(
-                nnx.eval_shape(
-                    lambda: SpectrumMLP(
-                        spec_cfg["base_size"],
-                        spec_cfg["layers"],
-                        dtype=spec_dtype,
-                        rngs=nnx.Rngs(0),
-                    )
-                )
-            )
-            target = {"ema_params": {"denoiser": abstract, "spectrum_net": spec_abstract}}
-        else:
-            target = {"ema_params": abstract}
-        weights, _ = restore_weights(ckpt_dir, target)
-        ema = weights["ema_params"]
-        spectrum = None
-        if spec_cfg:
-            model = nnx.merge(graphdef, ema["denoiser"])
-            spectrum = nnx.merge(spec_graphdef, ema["spectrum_net"])
-        else:
-            model = nnx.merge(graphdef, ema)
+        model_cfg = model_config_from_pipeline_config(config, **overrides)
+        graphdef, abstract = nnx.split(abstract_model(model_cfg))
+        weights, _ = restore_weights(ckpt_dir, {"ema_params": abstract})
+        model = nnx.merge(graphdef, weights["ema_params"])
         if vae is None and config.get("vae"):
             vae = os.path.join(config_dir, config["vae"])
         if isinstance(vae, str):
-            vae = load_vae_folder(vae, dtype=model_cfg.dtype)
-        return cls(model, spectrum, vae)
+            vae = load_vae_folder(vae, dtype=model.config.dtype)
+        return cls(model.denoiser, model.spectrum_net, vae)
 
     # -- labels -------------------------------------------------------------------------------
 
@@ -440,7 +390,7 @@ class GMFlowPipeline:
 
     def solver_config(
         self,
-        solver: str = "gm_ode2",
+        solver: str = DEFAULT_SOLVER,
         num_steps: int = DEFAULT_NUM_STEPS,
         num_substeps: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
@@ -450,20 +400,10 @@ class GMFlowPipeline:
         spectral: bool | None = None,
     ) -> solvers.SolverConfig:
         """The validated `SolverConfig` a call with these arguments runs (module docstring)."""
-        if solver not in SOLVER_NAMES:
-            close = difflib.get_close_matches(str(solver), list(SOLVER_NAMES), n=3, cutoff=0.5)
-            hint = f"; did you mean {close}?" if close else ""
-            raise ValueError(f"unknown solver {solver!r}{hint} Allowed: {', '.join(SOLVER_NAMES)}")
-        base, order = SOLVER_NAMES[solver]
+        row = solvers.parse_sampler(solver)
         num_steps = _check_positive_int("num_steps", num_steps)
-        if num_substeps is None:
-            num_substeps = solvers.default_substeps(num_steps) if base == "gm_ode" else 1
-        num_substeps = _check_positive_int("num_substeps", num_substeps)
-        if num_substeps > 1 and base != "gm_ode":
-            raise ValueError(
-                f"num_substeps={num_substeps} > 1 needs a GM-ODE solver ('gm_ode2', 'gm_ode'), "
-                f"got solver={solver!r}"
-            )
+        if num_substeps is not None:
+            num_substeps = _check_positive_int("num_substeps", num_substeps)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a number in [0, 1)")
         w = float(guidance_scale)
@@ -472,29 +412,35 @@ class GMFlowPipeline:
                 f"guidance_scale={guidance_scale!r} must be in [0, 1) (probabilistic guidance; "
                 "0 disables it; it is not a CFG scale)"
             )
-        if w > 0 and base not in solvers.GM_SOLVERS:
+        if w > 0 and not row.is_gm:
             raise ValueError(
-                f"guidance_scale={w} needs a GM solver (gm_ode2, gm_sde2, gm_ode, gm_sde); the "
+                f"guidance_scale={w} needs a GM solver (gm_ode_2, gm_sde_2, gm_ode, gm_sde); the "
                 f"baseline solver {solver!r} runs unguided only (guidance_scale=0)"
             )
         if spectral is None:
-            spectral = base == "gm_sde" and self._spectrum is not None
+            spectral = row.solver == "gm_sde" and row.spectral and self._spectrum is not None
         if spectral and self._spectrum is None:
             raise ValueError("spectral=True needs a SpectrumMLP, and none is loaded")
-        if spectral and base != "gm_sde":
+        if spectral and (row.solver != "gm_sde" or not row.spectral):
             raise ValueError(f"spectral=True needs a GM-SDE solver, got solver={solver!r}")
-        return solvers.SolverConfig(
-            solver=base,
-            num_steps=num_steps,
-            num_substeps=num_substeps,
-            order=order,
-            # Guidance on/off is static; the scale itself is passed traced (no recompiles).
-            guidance_scale=0.5 if w > 0 else 0.0,
-            orthogonal_guidance=float(orthogonal_guidance),
+        cfg = solvers.row_solver_config(
+            row,
+            num_steps,
+            w,
             null_label=self.config.num_classes,
+            num_substeps=num_substeps,
             shift=float(shift),
-            spectral=bool(spectral),
+            orthogonal_guidance=float(orthogonal_guidance),
+            has_spectrum=bool(spectral),
         )
+        return cfg
+
+    @property
+    def driver(self) -> SamplingDriver:
+        """The sampling driver of this pipeline's networks over this process's devices (lazy)."""
+        if self._driver is None:
+            self._driver = SamplingDriver(self._denoiser, self.params, self._spectrum)
+        return self._driver
 
     def __call__(
         self,
@@ -502,7 +448,7 @@ class GMFlowPipeline:
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         num_steps: int = DEFAULT_NUM_STEPS,
         num_substeps: int | None = None,
-        solver: str = "gm_ode2",
+        solver: str = DEFAULT_SOLVER,
         seed: int = 0,
         *,
         output_type: str = "auto",
@@ -537,28 +483,9 @@ class GMFlowPipeline:
         n = len(labels)
         chunk = n if batch_size is None else min(_check_positive_int("batch_size", batch_size), n)
 
-        noise_key, sample_key = jax.random.split(jax.random.PRNGKey(int(seed)))
-        noise = jax.random.normal(noise_key, (n, *self.latent_shape), jnp.float32)
-        scale = jnp.float32(guidance_scale)
-        # Pass the SpectrumMLP only when it is used: other solvers then share one compilation
-        # whether or not a spectrum net is loaded.
-        params = self.params if cfg.spectral else {"denoiser": self.params["denoiser"]}
-        spectrum = self._spectrum if cfg.spectral else None
-        latents = []
-        for j, start in enumerate(range(0, n, chunk)):
-            idx = np.arange(start, start + chunk) % n  # the last chunk is padded by wrapping
-            out = solvers.sample(
-                self._denoiser,
-                params,
-                jax.random.fold_in(sample_key, j),
-                noise[idx],
-                jnp.asarray(labels[idx]),
-                cfg,
-                scale,
-                spectrum,
-            )
-            latents.append(np.asarray(out)[: min(chunk, n - start)])
-        latents = np.concatenate(latents)
+        streams = batch_streams(jax.random.PRNGKey(int(seed)), n, chunk, self.latent_shape)
+        scale = float(guidance_scale) if cfg.guided else None
+        latents = self.driver.sample(cfg, streams, n, labels, scale)
         if output_type == "latents" or (output_type == "auto" and self._vae is None):
             return latents
         graphdef, state = self._vae

@@ -7,9 +7,11 @@ Input: a local copy of the official pipeline folder, e.g. downloaded with
 holding `transformer/` and `spectrum_net/` (config.json + safetensors, fp32 or the `bf16` variant) and
 `vae/`. Output, in `--out_dir`: `gmflow_jax_official.json` (manifest), `transformer/gmdit_config.json`
 + `gmdit_params.npz`, `spectrum_net/spectrum_config.json` + `spectrum_params.npz`, and
-`vae/vae_config.json` + `vae_params.npz`, all float32. The key table and the file layout are in
-`gmflow_jax.official` (this script is only its command line). Load the result with
-`gmflow_jax.pipeline.GMFlowPipeline.from_official(out_dir)` or `gmflow_jax.official.load_official`.
+`vae/vae_config.json` + `vae_params.npz`, all float32. The key table is
+`gmflow_jax.interop.key_table.KEY_TABLE`, the file layout `gmflow_jax.interop.converted_folder` (this
+script is only its command line). Load the result with
+`gmflow_jax.pipeline.GMFlowPipeline.from_official(out_dir)` or
+`gmflow_jax.interop.converted_folder.load_official`.
 
 Usage:
   python tools/convert_official_checkpoint.py --src gmflow_imagenet_k8_ema --out_dir gmflow_k8_jax [--variant bf16] [--scan_blocks] [--no_vae]
@@ -20,7 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gmflow_jax.official import convert_official_folder
+from gmflow_jax.interop.converted_folder import convert_official_folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Convert a diffusers AutoencoderKL (`vae/` folder) to `gmflow_jax.models.vae` parameters (spec §4.8).
+"""Convert a diffusers AutoencoderKL (`vae/` folder) to `gmflow_jax.models.vae` parameters (`docs/math.md` §4.8).
 
 Input: a folder holding `config.json` and `diffusion_pytorch_model.safetensors` (e.g. a local copy of
 `stabilityai/sd-vae-ft-ema`). Output, in `--out_dir`:

@@ -1,4 +1,4 @@
-"""Encode ImageNet to SD-VAE latents (spec §4.8) as ArrayRecord shards for `gmflow_jax.data.latents`.
+"""Encode ImageNet to SD-VAE latents (`docs/math.md` §4.8) as ArrayRecord shards for `gmflow_jax.data.latents`.
 
 Sources (`--source`):
 
@@ -9,7 +9,7 @@ Sources (`--source`):
   the manually downloaded tar files in `--manual_dir`, which needs TensorFlow (`pip install .[prepare]`);
   reading a prepared copy does not. Example id i is the i-th record of the split.
 
-Per image (spec §4.8, the ADM centre crop): box-downsample by 2 while the short side is >= 2 x
+Per image (`docs/math.md` §4.8, the ADM centre crop): box-downsample by 2 while the short side is >= 2 x
 `--image_size`, bicubic-resize so that the short side is `--image_size`, centre crop; then one
 horizontal flip with probability 1/2, drawn once per image from `numpy.random.default_rng((--seed,
 FLIP_STREAM, id))`; pixels to [-1, 1]; the VAE posterior **sample** (noise from
@@ -422,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "image_size": args.image_size,
         "seed": args.seed,
         "vae_dir": os.path.abspath(args.vae_dir),
-        "preprocessing": "ADM centre crop (spec 4.8), one seeded horizontal flip, VAE sample",
+        "preprocessing": "ADM centre crop (docs/math.md §4.8), one seeded horizontal flip, VAE sample",
     }
     shards = [
         {"file": os.path.basename(job.path), "num_records": job.stop - job.start,

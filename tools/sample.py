@@ -11,7 +11,7 @@ Samples for the ADM evaluator (50,000 by default; shards + `samples.npz` in `--o
 
   python tools/sample.py --checkpoint runs/imagenet256 --out_dir samples/ours ...  # EMA weights
 
-Guidance sweep (paper-facts §5: w in 0.02..0.75, GM-ODE 2 and GM-SDE 2 at NFE 8 and 32), scored with
+Guidance sweep (`docs/paper-facts.md` §5: w in 0.02..0.75, GM-ODE 2 and GM-SDE 2 at NFE 8 and 32), scored with
 the FID Inception (`tools/convert_inception_weights.py`) against an ADM reference batch:
 
   python tools/sample.py --official gmflow_k8_jax --out_dir sweep --sweep \
@@ -31,9 +31,9 @@ import sys
 
 import jax
 
-from gmflow_jax import official
 from gmflow_jax.eval import sampling
 from gmflow_jax.eval.inception import load_fid_inception
+from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
 from gmflow_jax.parallel.distributed import initialize_distributed
 from gmflow_jax.parallel.mesh import MeshConfig, batch_split, make_mesh
 from gmflow_jax.pipeline import SOLVER_NAMES, GMFlowPipeline
@@ -273,14 +273,14 @@ def load_pipeline(args: argparse.Namespace) -> GMFlowPipeline:
             args.checkpoint, config=args.config, vae=args.vae, dtype=args.dtype
         )
     dtype = args.dtype or "float32"
-    models = official.load_official(
+    models = load_official(
         args.official,
         variant=args.variant,
         scan_blocks=True,
         dtype=dtype,
         with_vae=args.vae is None,
     )
-    vae = models.vae if args.vae is None else official.load_vae_folder(args.vae, dtype=dtype)
+    vae = models.vae if args.vae is None else load_vae_folder(args.vae, dtype=dtype)
     return GMFlowPipeline(models.transformer, models.spectrum_net, vae)
 
 

@@ -1,4 +1,4 @@
-"""The 2-D checkerboard data set of the toy experiment (spec `gmflow-math.md` §4.8, oracle §9.33).
+"""The 2-D checkerboard data set of the toy experiment (`docs/math.md` §4.8, oracle §9.33).
 
 The board is a 4x4 grid of cells of side 2 covering [-4, 4]^2. Cell (i, j) spans
 [2i - 4, 2i - 2) x [2j - 4, 2j - 2), with i counted along x (coordinate 0) and j along y
@@ -6,7 +6,7 @@ The board is a 4x4 grid of cells of side 2 covering [-4, 4]^2. Cell (i, j) spans
 uniform on the 8 white cells (1/32 on each, 0 elsewhere).
 
 ==============================  ==============================================================
-function                        spec section
+function                        docs/math.md
 ==============================  ==============================================================
 `WHITE_CELLS`                   §4.8 the white cells (i, j), i + j even
 `white_cell_index`              §4.8 white-cell number 0..7 -> (i, j)
@@ -15,7 +15,16 @@ function                        spec section
 `checkerboard_batch`            §4.8 the training batch of one step, [B, 1, 1, 2] (§0.1 layout)
 `checkerboard_batches`          §4.8 infinite iterator of those batches
 `is_in_white_cell`              §9.33 floor((x1 + 4)/2) + floor((x2 + 4)/2) even, on the board
+`sample_checkerboard_labeled`   §4.8 the same points as `sample_checkerboard`, with their cells
+`sample_checkerboard_class`     §4.8 exact samples of requested classes (uniform on each cell)
+`labeled_checkerboard_batch`    §4.8 + §4.4 the class-conditional batch: points and labels
+`white_cell_bounds`             lower-left corner and upper-right corner of white cells
 ==============================  ==============================================================
+
+The class-conditional checkerboard (issue 16): white cell c = 0..7 (`WHITE_CELLS[c]`) is class c,
+uniform on its cell; the unconditional density is the equal mixture of the 8 classes, so a labeled
+batch's points are exactly the unconditional batch's (the label is the cell the point was drawn in).
+Label dropout to the null label 8 happens in the train step (§4.4), not here.
 """
 
 from __future__ import annotations
@@ -78,12 +87,18 @@ def checkerboard_from_uniforms(cell: Array, u: Array) -> Array:
 
 
 @functools.partial(jax.jit, static_argnames="n")
-def _sample_checkerboard(key: Array, n: int) -> Array:
-    """Jitted body of `sample_checkerboard`."""
+def _sample_checkerboard_labeled(key: Array, n: int) -> tuple[Array, Array]:
+    """Jitted body of `sample_checkerboard_labeled`: (points, white-cell numbers)."""
     key_cell, key_u = jax.random.split(key)
     cell = jax.random.randint(key_cell, (n,), 0, NUM_WHITE_CELLS)
     u = jax.random.uniform(key_u, (n, 2), jnp.float32)
-    return checkerboard_from_uniforms(cell, u)
+    return checkerboard_from_uniforms(cell, u), cell.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames="n")
+def _sample_checkerboard(key: Array, n: int) -> Array:
+    """Jitted body of `sample_checkerboard`: the labeled sampler's points (one set of draws)."""
+    return _sample_checkerboard_labeled(key, n)[0]
 
 
 def sample_checkerboard(key: Array, n: int) -> Array:
@@ -92,6 +107,65 @@ def sample_checkerboard(key: Array, n: int) -> Array:
     `n` is static (a Python int); the function is jitted and may also be called inside `jit`.
     """
     return _sample_checkerboard(key, _check_int("n", n, 1))
+
+
+def sample_checkerboard_labeled(key: Array, n: int) -> tuple[Array, Array]:
+    """(points [n, 2] float32, classes [n] int32): `sample_checkerboard(key, n)` and their cells.
+
+    The points are bit-identical to `sample_checkerboard(key, n)` (same key splits and draws); the
+    class of a point is the white-cell number 0..7 it was drawn in.
+    """
+    return _sample_checkerboard_labeled(key, _check_int("n", n, 1))
+
+
+@jax.jit
+def _sample_checkerboard_class(key: Array, labels: Array) -> Array:
+    """Jitted body of `sample_checkerboard_class`."""
+    u = jax.random.uniform(key, (*labels.shape, 2), jnp.float32)
+    return checkerboard_from_uniforms(labels, u)
+
+
+def sample_checkerboard_class(key: Array, labels) -> Array:
+    """Exact samples [N, 2] float32 of classes `labels` [N] in 0..7: uniform on cell labels[i].
+
+    Raises ValueError for labels outside 0..7 (the null label 8 has no density of its own).
+    """
+    labels_np = np.asarray(labels)
+    if (
+        labels_np.ndim != 1
+        or labels_np.shape[0] < 1
+        or not np.issubdtype(labels_np.dtype, np.integer)
+    ):
+        raise ValueError(
+            f"labels must be integers of shape [N], N >= 1, got {labels_np.dtype} {labels_np.shape}"
+        )
+    if labels_np.min() < 0 or labels_np.max() >= NUM_WHITE_CELLS:
+        raise ValueError(
+            f"labels must lie in 0..{NUM_WHITE_CELLS - 1}, got values in "
+            f"[{labels_np.min()}, {labels_np.max()}]"
+        )
+    return _sample_checkerboard_class(key, jnp.asarray(labels_np, jnp.int32))
+
+
+def white_cell_bounds(labels) -> tuple[np.ndarray, np.ndarray]:
+    """(lower-left corners, upper-right corners), each [..., 2] float64, of white cells `labels`."""
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer) or (
+        labels.size and (labels.min() < 0 or labels.max() >= NUM_WHITE_CELLS)
+    ):
+        raise ValueError(f"labels must be integers in 0..{NUM_WHITE_CELLS - 1}, got {labels!r}")
+    lower = WHITE_CELLS[labels].astype(np.float64) * CELL_SIZE - BOARD_HALF_WIDTH
+    return lower, lower + CELL_SIZE
+
+
+def labeled_checkerboard_batch(key: Array, step, batch_size: int) -> tuple[Array, Array]:
+    """Class-conditional batch of `step`: (points [B, 1, 1, 2], labels [B] int32 in 0..7).
+
+    The points are `checkerboard_batch(key, step, B)` bit for bit; the labels are their cells.
+    """
+    batch_size = _check_int("batch_size", batch_size, 1)
+    x, labels = sample_checkerboard_labeled(jax.random.fold_in(key, step), batch_size)
+    return x.reshape(batch_size, 1, 1, 2), labels
 
 
 def checkerboard_batch(key: Array, step, batch_size: int) -> Array:

@@ -1,4 +1,4 @@
-"""scikit-learn's bundled 8x8 digits as a small real-image data set (issue 4; layout of spec §0.1).
+"""scikit-learn's bundled 8x8 digits as a small real-image data set (issue 4; layout of `docs/math.md` §0.1).
 
 The 1797 grey-scale digit images of `sklearn.datasets.load_digits` ship inside scikit-learn (no
 download). Pixel values are integers 0..16; they are mapped linearly to [-1, 1] (0 -> -1,

@@ -1,4 +1,4 @@
-"""ImageNet-256 VAE latents (spec §4.8) as memory-mapped .npy files, or a synthetic stand-in.
+"""ImageNet-256 VAE latents (`docs/math.md` §4.8) as memory-mapped .npy files, or a synthetic stand-in.
 
 The primary on-disk format is the ArrayRecord shards of `gmflow_jax.data.latents`; this module reads
 the simpler layout that `python tools/prepare_imagenet_latents.py --npy` also exports (and that any

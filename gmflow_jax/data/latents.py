@@ -1,4 +1,4 @@
-"""ImageNet VAE latents (spec §4.8) in ArrayRecord shards, read by a deterministic, checkpointable grain loader.
+"""ImageNet VAE latents (`docs/math.md` §4.8) in ArrayRecord shards, read by a deterministic, checkpointable grain loader.
 
 On-disk format (written by `tools/prepare_imagenet_latents.py`): a directory with
 
@@ -15,12 +15,14 @@ The loader (`latent_dataset`):
   `grain.MapDataset.range(N).shuffle(seed).repeat()[p]`, a fresh global permutation every epoch (grain
   reseeds each epoch), so within an epoch every example appears exactly once;
 * global batch s is stream positions [s B, (s + 1) B) (a batch may straddle two epochs);
-* this process reads only its rows of each global batch: rows [i B/P, (i + 1) B/P) for shard index i of
-  P (`grain.sharding.ShardByJaxProcess` by default), or an explicit row range (e.g.
-  `parallel.sharding.process_batch_rows(mesh, B)`). The global batch is therefore the same for any
-  number of processes, and a run may resume on a different number of hosts;
-* element s of the dataset is this process's part of global batch s, a dict of numpy arrays
-  `{"x0": [B/P, H, W, C] float32, "labels": [B/P] int32}` (+ `"ids"` [B/P] int64 with `include_ids`).
+* this process reads only its rows of each global batch: explicit global row indices `rows` (on a
+  mesh `parallel.sharding.process_rows(mesh, B)`, the rows this host's devices hold, in however many
+  blocks the device layout gives), else rows [i B/P, (i + 1) B/P) for shard index i of P
+  (`grain.sharding.ShardByJaxProcess`). The global batch is therefore the same for any number of
+  processes and any layout, and a run may resume on a different number of hosts;
+* element s of the dataset is this process's part of global batch s, its rows in the order of `rows`,
+  a dict of numpy arrays `{"x0": [R, H, W, C] float32, "labels": [R] int32}` (+ `"ids"` [R] int64 with
+  `include_ids`), R = len(rows).
 
 The iterator (`make_iterator`, threads only: decoding is a copy, so worker processes do not pay) is a
 grain `DatasetIterator` whose state is `{"next_index": s}`, the next global step, identical on every
@@ -225,7 +227,7 @@ class _ReadRows:
         shards: LatentShards,
         order: grain.MapDataset,
         global_batch_size: int,
-        rows: tuple[int, int],
+        rows: np.ndarray,
         include_ids: bool,
         out_dtype: np.dtype,
     ):
@@ -240,11 +242,11 @@ class _ReadRows:
         self._source = None
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        """Read and decode rows [start, stop) of global batch `step`."""
+        """Read and decode rows `self.rows` of global batch `step`."""
         if self._source is None:
             self._source = grain.sources.ArrayRecordDataSource(list(self.paths))
         base = int(step) * self.global_batch_size
-        keys = [self.order[base + r] for r in range(*self.rows)]
+        keys = [self.order[base + int(r)] for r in self.rows]
         records = self._source.__getitems__(keys)
         n = len(keys)
         x0 = np.empty((n, *self.latent_shape), self.out_dtype)
@@ -259,21 +261,37 @@ class _ReadRows:
         return batch
 
 
+def _check_rows(rows: Any, global_batch_size: int) -> np.ndarray:
+    """`rows` as an int64 array of distinct indices in [0, global_batch_size); ValueError otherwise."""
+    array = np.asarray(rows)
+    if array.ndim != 1 or array.size == 0 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"rows must be a non-empty 1-D sequence of integers, got {rows!r}")
+    array = array.astype(np.int64)
+    if array.min() < 0 or array.max() >= global_batch_size:
+        raise ValueError(
+            f"rows must lie in [0, {global_batch_size}), got min {array.min()} max {array.max()}"
+        )
+    if np.unique(array).size != array.size:
+        raise ValueError("rows must be distinct: a repeated row would be read twice")
+    return array
+
+
 def latent_dataset(
     shards: LatentShards,
     *,
     global_batch_size: int,
     seed: int,
     shard_options: grain.sharding.ShardOptions | None = None,
-    rows: tuple[int, int] | None = None,
+    rows: Sequence[int] | np.ndarray | None = None,
     num_epochs: int | None = None,
     include_ids: bool = False,
     out_dtype: Any = np.float32,
 ) -> grain.MapDataset:
     """Grain MapDataset whose element s is this process's rows of global batch s (module docstring).
 
-    Rows: `rows` = (start, stop) if given, else the `shard_options` block (default
-    `grain.sharding.ShardByJaxProcess()`). `num_epochs=None` repeats forever; otherwise the dataset
+    Rows: `rows` (global row indices of each batch, distinct, any number of blocks; e.g.
+    `parallel.sharding.process_rows(mesh, global_batch_size)`) if given, else the `shard_options`
+    block (default `grain.sharding.ShardByJaxProcess()`). `num_epochs=None` repeats forever; otherwise the dataset
     ends after the last full global batch of `num_epochs` epochs.
     """
     if global_batch_size < 1:
@@ -288,17 +306,13 @@ def latent_dataset(
                 f"{opts.shard_count} shards (processes)"
             )
         local = global_batch_size // opts.shard_count
-        rows = (opts.shard_index * local, (opts.shard_index + 1) * local)
-    start, stop = (int(r) for r in rows)
-    if not 0 <= start < stop <= global_batch_size:
-        raise ValueError(f"rows must satisfy 0 <= start < stop <= {global_batch_size}, got {rows}")
+        rows = np.arange(opts.shard_index * local, (opts.shard_index + 1) * local)
+    rows = _check_rows(rows, global_batch_size)
     order = grain.MapDataset.range(shards.num_examples).shuffle(seed=seed).repeat(num_epochs)
     num_steps = len(order) // global_batch_size
     if num_steps < 1:
         raise ValueError(f"{len(order)} examples make no full global batch of {global_batch_size}")
-    reader = _ReadRows(
-        shards, order, global_batch_size, (start, stop), include_ids, np.dtype(out_dtype)
-    )
+    reader = _ReadRows(shards, order, global_batch_size, rows, include_ids, np.dtype(out_dtype))
     return grain.MapDataset.range(num_steps).map(reader)
 
 

@@ -1,4 +1,4 @@
-"""Metrics of 2-D samples against the checkerboard density (spec `gmflow-math.md` §4.8, §7).
+"""Metrics of 2-D samples against the checkerboard density (`docs/math.md` §4.8, §7).
 
 The paper shows checkerboard results only as histograms (§4.9); these metrics put numbers on the
 same pictures. Every metric takes samples [N, 2] (numpy or jax) and works in float64 numpy (10^6

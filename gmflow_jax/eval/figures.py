@@ -1,7 +1,7 @@
-"""Figures of 2-D samples: the paper's grid of checkerboard histograms (spec `gmflow-math.md` §4.9).
+"""Figures of 2-D samples: the paper's grid of checkerboard histograms (`docs/math.md` §4.9).
 
 ======================  ======================================================================
-function                spec section
+function                docs/math.md
 ======================  ======================================================================
 `histogram_image`       §4.9 200 bins on [-4.2, 4.2]^2, counts / 160 clipped to [0, 1]
 `histogram_grid_png`    §4.9, paper Fig. 2: rows = solvers, columns = NFE, viridis

@@ -1,4 +1,4 @@
-"""Fréchet distance between Gaussian fits of two feature sets (the FID formula, spec §7).
+"""Fréchet distance between Gaussian fits of two feature sets (the FID formula, `docs/math.md` §7).
 
     d^2 = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})
 

@@ -1,4 +1,4 @@
-"""Image-generation metrics of the ADM evaluator and paper Table 2 (spec `gmflow-math.md` §7).
+"""Image-generation metrics of the ADM evaluator and paper Table 2 (`docs/math.md` §7).
 
 Inputs are Inception outputs (see `inception.py`): pool features [N, 2048] and logits [N, 1008].
 

@@ -1,4 +1,4 @@
-"""The FID InceptionV3 of the ADM evaluator in Flax NNX, channel-last (spec `gmflow-math.md` §7).
+"""The FID InceptionV3 of the ADM evaluator in Flax NNX, channel-last (`docs/math.md` §7).
 
 The network is TensorFlow's `inception-2015-12-05` graph (`classify_image_graph_def.pb`, which the ADM
 evaluator of openai/guided-diffusion runs), in the layer layout of its PyTorch port

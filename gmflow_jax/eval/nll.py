@@ -1,4 +1,4 @@
-"""Likelihood evaluation: NLL in bits/dim of q(x0 | x_t) over uniform t (spec §5.10, paper Table 3).
+"""Likelihood evaluation: NLL in bits/dim of q(x0 | x_t) over uniform t (`docs/math.md` §5.10, paper Table 3).
 
 NLL = E_{t ~ U, x0, x_t}[ -log2 q(x0 | x_t) / D ], D = C H W, with t = T max(U, 1e-4) (§5.10). With a
 SpectrumMLP the density is the spectral one, q^S = q * N(Z; 0, e^psi) / N(Z; 0, I) (paper Eq. 19), where Z

@@ -1,4 +1,4 @@
-"""Readers for ADM reference batches (the .npz files of openai/guided-diffusion's evaluator, spec §7).
+"""Readers for ADM reference batches (the .npz files of openai/guided-diffusion's evaluator, `docs/math.md` §7).
 
 A reference batch is an .npz holding images, `arr_0` uint8 [N, H, W, 3], and/or precomputed
 Inception statistics: `mu` [2048], `sigma` [2048, 2048] (pool features, for FID) and optionally

@@ -1,8 +1,8 @@
 """Sharded, resumable sampling of N images for the ADM evaluator, and the guidance sweep.
 
-Spec `gmflow-math.md` §5.2 (the sampler: `GMFlowPipeline`'s networks and `SolverConfig`), §7 (the
+`docs/math.md` §5.2 (the sampler: `GMFlowPipeline`'s networks and `SolverConfig`), §7 (the
 evaluation protocol: 50,000 images with labels uniform and seeded by index, the probabilistic
-guidance grid, the (steps, substeps) pairs); paper-facts §5 (best FID and best Precision per solver
+guidance grid, the (steps, substeps) pairs); `docs/paper-facts.md` §5 (best FID and best Precision per solver
 and NFE).
 
 Random streams. For sample index i, `k_i = fold_in(PRNGKey(seed), i)` and
@@ -95,7 +95,7 @@ PAPER_GUIDANCE_GRID: tuple[float, ...] = (
     0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.11, 0.13,
     0.16, 0.19, 0.23, 0.27, 0.33, 0.39, 0.47, 0.55, 0.65, 0.75,
 )  # fmt: skip
-"""Probabilistic guidance scales w of the paper's sweep (paper-facts §5, spec §7 and §8.2)."""
+"""Probabilistic guidance scales w of the paper's sweep (`docs/paper-facts.md` §5, `docs/math.md` §7 and §8.2)."""
 
 PAPER_SWEEP_STEPS: tuple[int, ...] = (8, 32)
 """NFEs of the official test config (substeps 16 and 4 by the ceil(128 / NFE) rule)."""

@@ -1,4 +1,4 @@
-"""Networks (spec §6): GM-DiT, SpectrumMLP and their fixed embeddings."""
+"""Networks (`docs/math.md` §6): GM-DiT, SpectrumMLP and their fixed embeddings."""
 
 from gmflow_jax.models.embeddings import sincos_position_embedding_2d, timestep_embedding
 from gmflow_jax.models.gm_dit import DiTBlock, GMDiT, GMDiTConfig, TimestepEmbedder, gm_dit_config

@@ -1,9 +1,9 @@
 """Fixed sinusoidal embeddings of the networks: timestep sinusoid and 2-D sin-cos positions.
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 ================================  ===========================================================
-function                          spec section
+function                          docs/math.md
 ================================  ===========================================================
 `timestep_embedding`              §6.1 step 2 (GM-DiT, shift 0) and §6.4 step 1 (toy MLP, shift 1)
 `sincos_position_embedding_2d`    §6.1 step 1 (fixed 2-D position embedding of the patch tokens)

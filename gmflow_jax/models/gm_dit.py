@@ -1,9 +1,9 @@
-"""GM-DiT: the DiT backbone with a Gaussian-mixture head over the velocity u (spec §6.1).
+"""GM-DiT: the DiT backbone with a Gaussian-mixture head over the velocity u (`docs/math.md` §6.1).
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 =======================================  ==========================================================
-object                                   spec section
+object                                   docs/math.md
 =======================================  ==========================================================
 `GMDiTConfig`, `gm_dit_config`           §6.1 table, §8.1 (DiT sizes S/B/L/XL, patch 2/4/8)
 `GMDiT.trunk`: patch embed + positions   §6.1 steps 1-3 (embedding, conditioning, blocks)
@@ -46,7 +46,7 @@ Activations are constrained (only under a mesh with rules) as `("batch", "length
 residual stream and `("batch", "length", "mlp")` for the MLP hidden layer.
 
 Parameter names and conversion from the official diffusers checkpoint
-(`official-checkpoint-keys.md`): a torch Linear weight `(out, in)` becomes `kernel = weight.T`,
+(`docs/official-checkpoint.md`): a torch Linear weight `(out, in)` becomes `kernel = weight.T`,
 biases are copied.
 
 ==========================================  =================================================
@@ -80,6 +80,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gmflow_jax.gm import GM
+from gmflow_jax.models.attention import self_attention
 from gmflow_jax.models.embeddings import sincos_position_embedding_2d, timestep_embedding
 from gmflow_jax.models.logical_axes import constrain, logical_param
 
@@ -309,7 +310,7 @@ class DiTBlock(nnx.Module):
         q = self.attn_q(x).reshape(b, n, self.num_heads, hd)
         k = self.attn_k(x).reshape(b, n, self.num_heads, hd)
         v = self.attn_v(x).reshape(b, n, self.num_heads, hd)
-        o = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(hd))
+        o = self_attention(q, k, v)  # cuDNN fused attention where it applies (models/attention.py)
         return self.attn_out(o.reshape(b, n, d))
 
     def _mlp(self, x: Array) -> Array:

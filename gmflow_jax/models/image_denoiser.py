@@ -1,34 +1,32 @@
 """The image model of class-conditional training: GM-DiT plus an optional SpectrumMLP (§4.1-4.3, §6).
 
 One NNX module holds both networks, so that one parameter tree (one optimizer, one EMA, one
-checkpoint) serves the two seams the rest of the code uses:
+checkpoint) serves both: `nnx.split(ImageDenoiser(...))[1]` is the state
+`{"denoiser": <GM-DiT>, "spectrum_net": <SpectrumMLP>}`, or `{"denoiser": <GM-DiT>}` without a
+SpectrumMLP (the layout `gmflow_jax.pipeline.GMFlowPipeline.from_checkpoint` restores).
+`gmflow_jax.models.denoiser.network_functions` turns it into the pure denoiser and spectrum
+functions the solvers and the train step call; `gmflow_jax.models.builder.build_model` builds it
+from `config.model`.
 
-* the denoiser seam `(params, x_t [B,H,W,C], t [B], labels [B]) -> GM over u` (§6.1), or the u mean
-  `[B,H,W,C]` for the K = 1 mean-only flow-matching baseline;
-* the spectrum seam `(params, m [B,H,W,C], v [B,H,W,1] | [B,1,1,1]) -> psi [B,H,W,C]` (§6.3), used by
-  the spectral loss (§4.3) and spectral sampling (§5.7).
-
-`nnx.split(ImageDenoiser(...))` gives the state `{"denoiser": <GM-DiT>, "spectrum_net": <SpectrumMLP>}`
-(the layout `gmflow_jax.pipeline.GMFlowPipeline.from_checkpoint` reads); without a SpectrumMLP the
-state is `{"denoiser": <GM-DiT>}`. `NNXDenoiser(graphdef)` of the whole module also works (it calls
-`ImageDenoiser.__call__`); `image_seams` gives the cheaper per-component seams used for training and
-sampling.
+One dtype rule: the SpectrumMLP computes in float32 on every path (training, our checkpoints, the
+official checkpoint), whatever the GM-DiT's compute dtype. Why: its output psi is a log power
+spectrum fed to the float32 spectral loss (§4.3) and spectral sampling (§5.7), and the network is
+tiny (37,576 parameters at ImageNet size), so bf16 would cost accuracy and save nothing.
 
 ==============================  =================================================================
 name                            what it is
 ==============================  =================================================================
 `SpectrumConfig`                SpectrumMLP sizes (§6.3): base_size (C, H0, W0), layers
-`ImageDenoiser`                 GM-DiT (§6.1) + optional SpectrumMLP (§6.3) as one module
-`ComponentFn`                   a hashable seam calling one component on `params[name]`
-`image_seams`                   (denoiser seam, spectrum seam or None) of an `ImageDenoiser`
+`check_spectrum_fits`           a SpectrumMLP base size fits a GM-DiT's images (else ValueError)
+`ImageDenoiser`                 GM-DiT (§6.1) + optional float32 SpectrumMLP (§6.3) as one module
+`DENOISER`, `SPECTRUM_NET`      the names of the two networks in the state
 ==============================  =================================================================
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,34 +62,51 @@ class SpectrumConfig:
             raise ValueError(f"SpectrumConfig.layers must be two ints > 0, got {layers}")
 
 
-class ImageDenoiser(nnx.Module):
-    """GM-DiT (`denoiser`) and an optional SpectrumMLP (`spectrum_net`) in one module."""
+def check_spectrum_fits(config: GMDiTConfig, base_size: Sequence[int]) -> None:
+    """Raise ValueError unless a SpectrumMLP of `base_size` (C, H0, W0) fits `config`'s images.
 
-    def __init__(
-        self, config: GMDiTConfig, spectrum: SpectrumConfig | None = None, *, rngs: nnx.Rngs
-    ):
-        """Build the GM-DiT and, if `spectrum` is given, a float32 SpectrumMLP fitting its images."""
-        if spectrum is not None:
-            c, h0, w0 = spectrum.base_size
-            s = config.sample_size
-            if config.mean_only:
-                raise ValueError(
-                    "spectrum must be None for a mean_only GM-DiT (the spectral loss needs a GM)"
-                )
-            if c != config.in_channels or not ((h0, w0) == (s, s) or (s < h0 and s < w0)):
-                raise ValueError(
-                    f"spectrum base_size {spectrum.base_size} does not fit images "
-                    f"[{s}, {s}, {config.in_channels}]: C must match and H0, W0 must equal "
-                    f"{s} or exceed it"
-                )
-        self.config = config
-        self.spectrum_config = spectrum
-        self.denoiser = GMDiT(config, rngs=rngs)
-        self.spectrum_net = (
-            SpectrumMLP(spectrum.base_size, spectrum.layers, dtype=jnp.float32, rngs=rngs)
-            if spectrum is not None
-            else None
+    It fits a GM head (not `mean_only`: the spectral loss needs a GM) with C = in_channels and an
+    image size s equal to (H0, W0) or smaller in both (the §6.3 frequency crop).
+    """
+    c, h0, w0 = (int(n) for n in base_size)
+    s = config.sample_size
+    if config.mean_only:
+        raise ValueError(
+            "spectrum must be None for a mean_only GM-DiT (the spectral loss needs a GM)"
         )
+    if c != config.in_channels or not ((h0, w0) == (s, s) or (s < h0 and s < w0)):
+        raise ValueError(
+            f"spectrum base_size {tuple(base_size)} does not fit images "
+            f"[{s}, {s}, {config.in_channels}]: C must match and H0, W0 must equal "
+            f"{s} or exceed it"
+        )
+
+
+class ImageDenoiser(nnx.Module):
+    """GM-DiT (`denoiser`) and an optional float32 SpectrumMLP (`spectrum_net`) in one module."""
+
+    def __init__(self, denoiser: GMDiT, spectrum_net: SpectrumMLP | None = None):
+        """Hold built networks (`gmflow_jax.models.builder` builds them from a config).
+
+        Raises ValueError when the SpectrumMLP does not fit the GM-DiT's images or does not
+        compute in float32 (the one dtype rule, module docstring).
+        """
+        if not isinstance(denoiser, GMDiT):
+            raise ValueError(f"denoiser must be a GMDiT, got {type(denoiser).__name__}")
+        if spectrum_net is not None:
+            if not isinstance(spectrum_net, SpectrumMLP):
+                raise ValueError(
+                    f"spectrum_net must be a SpectrumMLP or None, got {type(spectrum_net).__name__}"
+                )
+            check_spectrum_fits(denoiser.config, spectrum_net.base_size)
+            if spectrum_net.dtype != jnp.float32:
+                raise ValueError(
+                    f"spectrum_net computes in {spectrum_net.dtype.name}; the SpectrumMLP must "
+                    "compute in float32 on every path (build it with dtype=float32)"
+                )
+        self.config = denoiser.config
+        self.denoiser = denoiser
+        self.spectrum_net = spectrum_net
 
     def __call__(self, x: Array, t: Array, y: Array) -> GM | Array:
         """The GM-DiT: a GM over u at (x `[B,H,W,C]`, t `[B]`, labels `[B]`), or the u mean."""
@@ -100,40 +115,5 @@ class ImageDenoiser(nnx.Module):
     def spectrum(self, m: Array, v: Array) -> Array:
         """psi `[B,H,W,C]` float32 of the x0 Gaussian (m, v) from the SpectrumMLP (§6.3)."""
         if self.spectrum_net is None:
-            raise ValueError("this ImageDenoiser has no SpectrumMLP (spectrum=None)")
+            raise ValueError("this ImageDenoiser has no SpectrumMLP (spectrum_net=None)")
         return self.spectrum_net(m, v)
-
-
-def _lift(tree: Any) -> Any:
-    """`tree + 0` leaf-wise: brings closed-over parameters into the current trace (XLA drops it).
-
-    The solvers evaluate the network inside `jax.eval_shape` and `lax.scan` bodies that close over
-    the jitted parameters; `nnx.scan` over stacked blocks (`scan_blocks=True`) refuses variables
-    holding tracers of an outer trace.
-    """
-    return jax.tree.map(lambda a: a + jnp.zeros((), a.dtype), tree)
-
-
-@dataclasses.dataclass(frozen=True)
-class ComponentFn:
-    """Call component `name` (graphdef `graphdef`) of a parameter tree: `fn(params, *args)`.
-
-    Frozen and hashable, so it can be a static argument of a jitted train step or sampler.
-    """
-
-    graphdef: nnx.GraphDef
-    name: str
-
-    def __call__(self, params: Mapping[str, Any], *args: Array) -> Any:
-        """Evaluate the component on `params[name]` with positional inputs `args`."""
-        return nnx.merge(self.graphdef, _lift(params[self.name]))(*args)
-
-
-def image_seams(model: ImageDenoiser) -> tuple[ComponentFn, ComponentFn | None]:
-    """(denoiser seam, spectrum seam or None) of an `ImageDenoiser` (concrete or `nnx.eval_shape`)."""
-    if not isinstance(model, ImageDenoiser):
-        raise ValueError(f"model must be an ImageDenoiser, got {type(model).__name__}")
-    denoiser = ComponentFn(nnx.split(model.denoiser)[0], DENOISER)
-    if model.spectrum_net is None:
-        return denoiser, None
-    return denoiser, ComponentFn(nnx.split(model.spectrum_net)[0], SPECTRUM_NET)

@@ -1,6 +1,6 @@
 """SpectrumMLP: per-channel log power spectrum psi from two Gaussian statistics (§6.3).
 
-Spec `gmflow-math.md` §6.3 (init at the end of §6.3; oracle §9.26):
+`docs/math.md` §6.3 (init at the end of §6.3; oracle §9.26):
 
 1. statistics per sample: a1 = mean_{H,W}(v), a2 = mean_C(unbiased Var_{H,W}(m)) (over HW - 1);
 2. MLP Linear(2, 64) -> SiLU -> Linear(64, 8) -> SiLU -> Linear(8, C*32*32), output index

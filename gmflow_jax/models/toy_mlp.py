@@ -1,18 +1,21 @@
 """The toy 2-D MLP denoiser of the checkerboard experiment (`GMFlowMLP2DDenoiser`).
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 ================================  ===========================================================
-function / class                  spec section
+function / class                  docs/math.md
 ================================  ===========================================================
 `point_position_embedding`        §6.4 step 2 (geometric periods, [sin, cos] per coordinate)
 `ToyMLP`                          §6.4 steps 1-5 (time + position embedding, 5 x (Linear, SiLU),
                                   GM head with K means / log-weights / one log-std, init)
 `ToyMLP(mean_only=True)`          the flow-matching baseline (§5.9): the same trunk, u-mean head
+`ToyMLP(num_classes=C)`           class-conditional: a learned label table (C + 1 rows, row C the
+                                  null label, §4.4) added to the time embedding, as GM-DiT's (§6.1)
 ================================  ===========================================================
 
 Input `x_t` `[B, 1, 1, 2]` (a 2-D point as a 1x1 "image", §0.1) and raw times `t` `[B]` in [0, 1000];
-labels are ignored. Output: a `GM` over u with means `[B, 1, 1, K, 2]`, log-weights `[B, 1, 1, K, 1]`,
+labels `[B]` in 0..C are required when `num_classes` C > 0 and ignored otherwise (C = 0, the default:
+the unconditional model, unchanged). Output: a `GM` over u with means `[B, 1, 1, K, 2]`, log-weights `[B, 1, 1, K, 1]`,
 log-std `[B, 1, 1, 1, 1]`, all float32 (or, for the baseline, the u mean `[B, 1, 1, 2]`).
 """
 
@@ -26,6 +29,7 @@ from flax import nnx
 
 from gmflow_jax.gm import GM
 from gmflow_jax.models.embeddings import timestep_embedding
+from gmflow_jax.models.gm_dit import LABEL_TABLE_STD
 
 Array = jax.Array
 
@@ -84,6 +88,7 @@ class ToyMLP(nnx.Module):
         pos_min_period: float = 5e-3,
         pos_max_period: float = 50.0,
         mean_only: bool = False,
+        num_classes: int = 0,
         rngs: nnx.Rngs,
     ):
         """Build the trunk and heads with the §6.4 init (log-weight and log-std head weights zeroed)."""
@@ -95,7 +100,12 @@ class ToyMLP(nnx.Module):
             raise ValueError(
                 f"need num_layers >= 1 and hidden_dim >= 1, got {num_layers}, {hidden_dim}"
             )
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(
+                f"num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}"
+            )
         self.num_gaussians = num_gaussians
+        self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.pos_min_period = pos_min_period
         self.pos_max_period = pos_max_period
@@ -110,9 +120,22 @@ class ToyMLP(nnx.Module):
             self.out_means = _linear(hidden_dim, 2 * num_gaussians, rngs)
             self.out_logweights = _linear(hidden_dim, num_gaussians, rngs, zero=True)
             self.out_logstds = _linear(hidden_dim, 1, rngs, zero=True)
+        if num_classes > 0:
+            # Built last, so the trunk and heads draw the same initial weights as the
+            # unconditional model of the same seed. As GM-DiT's label table (§6.1 init): N(0, 0.02)
+            # rows, one per class plus the null label's (§4.4), added to the time embedding.
+            self.label_embed = nnx.Embed(
+                num_classes + 1,
+                embed_dim,
+                embedding_init=nnx.initializers.normal(LABEL_TABLE_STD),
+                rngs=rngs,
+            )
 
-    def features(self, x_t: Array, t: Array) -> Array:
-        """Trunk features `[B, hidden]` of points `x_t` `[B, 1, 1, 2]` at times `t` `[B]` or scalar."""
+    def features(self, x_t: Array, t: Array, labels: Array | None = None) -> Array:
+        """Trunk features `[B, hidden]` of points `x_t` `[B, 1, 1, 2]` at times `t` `[B]` or scalar.
+
+        With `num_classes` > 0, `labels` `[B]` (ints in 0..num_classes) are required.
+        """
         if x_t.ndim != 4 or x_t.shape[1:] != (1, 1, 2):
             raise ValueError(f"x_t must have shape [B, 1, 1, 2], got {x_t.shape}")
         batch = x_t.shape[0]
@@ -121,6 +144,18 @@ class ToyMLP(nnx.Module):
             raise ValueError(f"t must be a scalar or have shape [{batch}], got {t.shape}")
         t = jnp.broadcast_to(t, (batch,))
         emb_t = timestep_embedding(t, self.embed_dim, downscale_freq_shift=TOY_TIME_FREQ_SHIFT)
+        if self.num_classes > 0:
+            if labels is None:
+                raise ValueError(
+                    f"labels are required by a class-conditional ToyMLP (num_classes="
+                    f"{self.num_classes}); pass ints in 0..{self.num_classes} (the last is null)"
+                )
+            labels = jnp.asarray(labels)
+            if labels.shape != (batch,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+                raise ValueError(
+                    f"labels must be integers of shape [{batch}], got {labels.dtype} {labels.shape}"
+                )
+            emb_t = emb_t + self.label_embed(labels).astype(jnp.float32)
         emb_x = point_position_embedding(
             x_t.reshape(batch, 2), self.embed_dim, self.pos_min_period, self.pos_max_period
         )
@@ -130,12 +165,11 @@ class ToyMLP(nnx.Module):
         return h
 
     def __call__(self, x_t: Array, t: Array, labels: Array | None = None) -> GM | Array:
-        """GM over u (means `[B,1,1,K,2]`, log-weights `[B,1,1,K,1]`, log-std `[B,1,1,1,1]`); labels ignored.
+        """GM over u (means `[B,1,1,K,2]`, log-weights `[B,1,1,K,1]`, log-std `[B,1,1,1,1]`).
 
-        With `mean_only` the u mean `[B, 1, 1, 2]` instead.
+        With `mean_only` the u mean `[B, 1, 1, 2]` instead. `labels` as in `features`.
         """
-        del labels
-        h = self.features(x_t, t)
+        h = self.features(x_t, t, labels)
         batch = h.shape[0]
         if self.mean_only:
             return self.out_u(h).astype(jnp.float32).reshape(batch, 1, 1, 2)

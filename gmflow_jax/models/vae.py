@@ -1,6 +1,6 @@
-"""AutoencoderKL (the Stable Diffusion VAE, `stabilityai/sd-vae-ft-ema`) in Flax NNX (spec §4.8).
+"""AutoencoderKL (the Stable Diffusion VAE, `stabilityai/sd-vae-ft-ema`) in Flax NNX (`docs/math.md` §4.8).
 
-Spec `gmflow-math.md` §4.8: ImageNet 256x256 crops in [-1, 1] are encoded to 32x32x4 latents as a
+`docs/math.md` §4.8: ImageNet 256x256 crops in [-1, 1] are encoded to 32x32x4 latents as a
 posterior **sample** times the scaling factor 0.18215; decoding divides by 0.18215 and maps
 [-1, 1] to [0, 1] with clamping.
 
@@ -95,7 +95,7 @@ LOGVAR_MAX = 20.0
 """Upper clamp of the posterior log-variance (diffusers `DiagonalGaussianDistribution`)."""
 
 SD_VAE_SCALING_FACTOR = 0.18215
-"""Latent scaling factor of the Stable Diffusion VAE (spec §4.8)."""
+"""Latent scaling factor of the Stable Diffusion VAE (`docs/math.md` §4.8)."""
 
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 _DOWN_BLOCK = "DownEncoderBlock2D"
@@ -502,7 +502,7 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-    """The KL-regularized image autoencoder of Stable Diffusion (channel-last, spec §4.8)."""
+    """The KL-regularized image autoencoder of Stable Diffusion (channel-last, `docs/math.md` §4.8)."""
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs):
         self.config = config

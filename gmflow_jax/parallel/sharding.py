@@ -19,6 +19,14 @@ Parameters, optimizer state and EMA (`param_shardings`):
 
 The batch is split over ("data", "fsdp") along its first dimension (`batch_sharding`); everything in the
 step that follows from it is left to GSPMD propagation (all axes are `AxisType.Auto`).
+
+Multi-host input: on a real slice the devices of one host are spread over the mesh (v5p 2x2x2 with
+every device on fsdp: host 0 holds rows 0-3, 8-11, 16-19, 24-27 of a batch of 32), so a host's rows
+are in general several blocks. `process_rows(mesh, B)` gives the sorted global rows this process
+holds (what its data loader reads, in that order), `device_batch_rows` / `local_positions` the rows
+of each of its devices, and `global_batch(local, mesh, B)` places exactly those rows on each device
+(`jax.make_array_from_single_device_arrays`). All three take any `process_index`, so every host's
+share can be checked from one machine against a topology's devices.
 """
 
 from __future__ import annotations
@@ -223,36 +231,97 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
-def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
-    """The contiguous rows [start, stop) of a global batch that this process's devices hold.
+def device_batch_rows(
+    mesh: Mesh, global_batch_size: int, process_index: int | None = None
+) -> dict[jax.Device, tuple[int, int]]:
+    """Rows [start, stop) of a global batch held by each device of process `process_index`.
 
-    Raises ValueError when the batch does not split evenly over ("data", "fsdp") or when this
-    process's rows are not contiguous (a mesh whose device order interleaves processes).
+    `process_index` defaults to this process; any index of the mesh's devices may be given, so every
+    host's share can be computed from one place (tests simulate a pod from a topology's devices).
+    Devices that replicate the batch (e.g. along "tensor") hold the same rows. Raises ValueError
+    when the batch does not split evenly over ("data", "fsdp") or when the process holds no device.
     """
     split = math.prod(mesh_shape(mesh)[a] for a in BATCH_AXES)
-    if global_batch_size % split:
+    if global_batch_size < 1 or global_batch_size % split:
         raise ValueError(
-            f"global batch size {global_batch_size} must be divisible by data * fsdp = {split}"
+            f"global batch size {global_batch_size} must be a positive multiple of data * fsdp "
+            f"= {split}"
         )
-    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch_size,))
-    rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size) for s in index_map.values()})
-    start, stop = rows[0][0], rows[-1][1]
-    covered = sum(b - a for a, b in rows)
-    if covered != stop - start:
-        raise ValueError(
-            f"process {jax.process_index()} holds non-contiguous batch rows {rows}; build the mesh "
-            "with gmflow_jax.parallel.mesh.make_mesh so that each process owns one block"
-        )
-    return start, stop
+    process = jax.process_index() if process_index is None else int(process_index)
+    index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+    out = {
+        device: index[0].indices(global_batch_size)[:2]
+        for device, index in index_map.items()
+        if device.process_index == process
+    }
+    if not out:
+        processes = sorted({d.process_index for d in mesh.devices.flat})
+        raise ValueError(f"process_index {process} holds no device of the mesh (has {processes})")
+    return out
 
 
-def global_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Assemble this process's rows (numpy) into global batch arrays sharded by `batch_sharding`.
+def process_rows(
+    mesh: Mesh, global_batch_size: int, process_index: int | None = None
+) -> np.ndarray:
+    """Sorted global row indices (int64) of a global batch that process `process_index` holds.
 
-    Each array's first dimension is this process's share, rows `process_batch_rows` of the global
-    batch (the whole batch in a single process).
+    These are the rows this host reads (in this order) and hands to `global_batch`: one block per
+    distinct device slice, as many blocks as the device layout gives (on a real slice a host's
+    devices are usually not one contiguous run of the mesh). See `device_batch_rows`.
+    """
+    blocks = sorted(set(device_batch_rows(mesh, global_batch_size, process_index).values()))
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in blocks])
+
+
+def local_positions(
+    mesh: Mesh, global_batch_size: int, process_index: int | None = None
+) -> dict[jax.Device, slice]:
+    """For each device of the process, its slice of the process-local batch (rows ordered as
+    `process_rows`): `local[positions[d]]` is what device `d` holds."""
+    rows = process_rows(mesh, global_batch_size, process_index)
+    blocks = device_batch_rows(mesh, global_batch_size, process_index)
+    out = {}
+    for device, (a, b) in blocks.items():
+        first = int(np.searchsorted(rows, a))
+        out[device] = slice(first, first + (b - a))
+    return out
+
+
+def global_batch(
+    batch: dict[str, np.ndarray], mesh: Mesh, global_batch_size: int | None = None
+) -> dict[str, jax.Array]:
+    """Assemble this process's rows (numpy, ordered as `process_rows`) into global batch arrays
+    sharded by `batch_sharding`.
+
+    Each array's first dimension is this process's share of the global batch (the whole batch in a
+    single process); `global_batch_size` defaults to what that share implies. Every addressable
+    device receives exactly its rows (`local_positions`), however many blocks the process holds.
     """
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-    }
+    arrays = {k: np.asarray(v) for k, v in batch.items()}
+    if not arrays:
+        return {}
+    local = {a.shape[0] for a in arrays.values()}
+    if len(local) != 1:
+        raise ValueError(f"batch arrays disagree on the local batch size: {sorted(local)}")
+    (local_size,) = local
+    if global_batch_size is None:
+        # Each distinct block of this process is global / split rows long.
+        split = math.prod(mesh_shape(mesh)[a] for a in BATCH_AXES)
+        blocks = len(set(device_batch_rows(mesh, split).values()))
+        global_batch_size = local_size // blocks * split
+    positions = local_positions(mesh, global_batch_size)
+    expected = max(p.stop for p in positions.values())
+    if local_size != expected:
+        raise ValueError(
+            f"this process holds {expected} rows of the global batch of {global_batch_size}, "
+            f"got a local batch of {local_size}"
+        )
+    devices = list(positions)
+    out = {}
+    for key, value in arrays.items():
+        shards = jax.device_put([value[positions[d]] for d in devices], devices)
+        out[key] = jax.make_array_from_single_device_arrays(
+            (global_batch_size, *value.shape[1:]), sharding, shards
+        )
+    return out

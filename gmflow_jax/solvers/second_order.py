@@ -1,4 +1,4 @@
-"""The second-order GM correction of GM-SDE 2 / GM-ODE 2 (spec `gmflow-math.md` §5.5).
+"""The second-order GM correction of GM-SDE 2 / GM-ODE 2 (`docs/math.md` §5.5).
 
 `SecondOrderState` is the small struct the sampling scan carries (previous pre-correction x0-GM,
 previous x, t and h, and whether they exist); `gm_second_order` is a pure function of it.

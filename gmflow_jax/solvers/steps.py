@@ -1,9 +1,9 @@
 """Scheduler updates from sigma to sigma' given an x0 prediction: pure, stateless step functions.
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 =========================  =========================================================================
-function                   spec section
+function                   docs/math.md
 =========================  =========================================================================
 `euler_step`               §5.1 Euler ODE (x0 form; exact on the linear path, oracle 29)
 `gm_sde_step`              §5.1 GM-SDE scheduler: sample mode, mean mode with small / large variance

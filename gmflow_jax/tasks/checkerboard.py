@@ -1,13 +1,19 @@
-"""The checkerboard task: an adapter over the checkerboard functions of `gmflow_jax.train.loop`.
+"""The checkerboard task (configs/checkerboard.py): 2-D checkerboard points, evaluated with exact
+histogram metrics (`docs/math.md` §4.8, §4.9, §7).
 
-Batch s is `checkerboard_batch(fold_in(data key, s))` (spec §4.8); the model is the §6.4 toy MLP;
-evaluation is `train.loop.evaluate` (histogram metrics and the Fig. 2 grid). Nothing here changes what
-a checkerboard run computes.
+Batch s is `checkerboard_batch(fold_in(data key, s))`, made on the devices directly in the batch's
+sharding (one jitted program; no host round trip), so every process of a job computes its shards of
+the same global batch. The network is the §6.4 toy MLP of `config.model` (built by the loop through
+`models.builder`). Evaluation: with the EMA parameters, every (solver row, NFE) of `config.sample`
+(GMFlow rows for a GM model, baseline rows for a mean-only model) draws `eval.num_samples` points (the
+same noise for every row), scored by `eval.checkerboard.checkerboard_metrics`; written to the workdir:
+`metrics.json` (atomic), a PNG histogram grid (rows = solver, columns = NFE), and a printed table with
+the exact-sample floor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -15,45 +21,48 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from gmflow_jax.train import loop
-from gmflow_jax.train.state import NNXDenoiser
+from gmflow_jax.data.checkerboard import checkerboard_batch
+from gmflow_jax.eval.checkerboard_sweep import evaluate_checkerboard
+from gmflow_jax.models.denoiser import network_functions
+from gmflow_jax.train.task import Batch, BatchLayout
 
 Array = jax.Array
-
+PyTree = Any
 
 class CheckerboardTask:
-    """2-D checkerboard points, the toy MLP denoiser and the checkerboard evaluation."""
+    """2-D checkerboard points and the checkerboard evaluation (`train.task.Task`)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
-        """Hold the run config (the checkerboard has no data to open)."""
+    def __init__(self, config: ml_collections.ConfigDict, keys: dict[str, Array]):
+        """Hold the run config and keys (the checkerboard has no data to open)."""
         self.config = config
-
-    def build_model(self, key: Array) -> nnx.Module:
-        """The §6.4 toy MLP of `config.model`."""
-        return loop.build_model(self.config.model, key)
-
-    def seams(self, model: nnx.Module) -> tuple[Callable[..., Any], None]:
-        """(NNXDenoiser of the model, no spectrum)."""
-        return NNXDenoiser(nnx.split(model)[0]), None
-
-    def batches(self, start_step: int) -> Iterator[dict[str, Array]]:
-        """Batch s = checkerboard points [B, 1, 1, 2] from fold_in(data key, s), s >= start_step."""
-        data_key = loop.run_keys(self.config.seed)["data"]
-        batch_size = self.config.train.batch_size
-        step = start_step
-        while True:
-            yield {"x0": loop.checkerboard_step_batch(data_key, jnp.int32(step), batch_size)}
-            step += 1
+        self.keys = keys
 
     def prepare_workdir(self, workdir: str) -> None:
         """Nothing to prepare."""
+
+    def data_iterator(self, layout: BatchLayout) -> None:
+        """None: batch s is a pure function of (data key, s)."""
+        return None
+
+    def batches(self, start_step: int, layout: BatchLayout) -> Iterator[Batch]:
+        """Batch s = checkerboard points [B, 1, 1, 2] from fold_in(data key, s), s >= start_step,
+        as a global array on `layout.sharding`."""
+        make = jax.jit(checkerboard_batch, static_argnums=2, out_shardings=layout.sharding)
+        step = start_step
+        while True:
+            yield {"x0": make(self.keys["data"], jnp.int32(step), layout.global_batch_size)}
+            step += 1
 
     def evaluate(
         self,
         workdir: str,
         graphdef: nnx.GraphDef,
-        ema_params: Any,
-        train_info: dict[str, Any] | None = None,
+        ema_params: PyTree,
+        train_info: dict[str, Any],
     ) -> dict[str, Any]:
-        """`train.loop.evaluate`: histogram metrics, metrics.json and the PNG grid."""
-        return loop.evaluate(self.config, workdir, graphdef, ema_params, train_info)
+        """`eval.checkerboard_sweep.evaluate_checkerboard`: every (row, NFE) with the EMA params,
+        metrics.json, the PNG grid and the printed table (returned under "table")."""
+        denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
+        return evaluate_checkerboard(
+            self.config, workdir, denoiser, ema_params, self.keys["eval"], train_info
+        )

@@ -16,7 +16,6 @@ name                            what it is
 ==============================  =================================================================
 `DigitsTask`                    the task (`tasks.Task`): data, model, evaluation
 `class_labels`                  class-major labels [num_classes * per_class]
-`format_table`                  the printed table of evaluation results
 ==============================  =================================================================
 """
 
@@ -25,21 +24,29 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
-from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.data.digits import NUM_CLASSES, load_digits
 from gmflow_jax.eval.digits import DigitsEvaluator
 from gmflow_jax.eval.image_grid import class_mosaic, panel_grid_png
-from gmflow_jax.tasks.image import ImageTask, guidance_kind, sample_images
-from gmflow_jax.train.loop import run_keys
+from gmflow_jax.eval.sweep import (
+    Setting,
+    format_table,
+    setting_fields,
+    sweep_settings,
+    write_metrics,
+)
+from gmflow_jax.sampling.driver import SamplingDriver
+from gmflow_jax.sampling.streams import batch_streams
+from gmflow_jax.solvers.config import canonical_sampler
+from gmflow_jax.tasks.image import ImageTask
+from gmflow_jax.train.task import BatchLayout
 
 Array = jax.Array
 
@@ -54,24 +61,12 @@ def class_labels(num_classes: int, per_class: int) -> np.ndarray:
     return np.repeat(np.arange(num_classes, dtype=np.int32), per_class)
 
 
-def format_table(results: Sequence[dict[str, Any]], real: dict[str, float]) -> str:
-    """A plain-text table: one line per (row, NFE, w) and a last line for the held-out digits."""
-    header = f"{'solver':<18}{'NFE':>5}{'w':>7}" + "".join(f"{c:>16}" for c in TABLE_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for r in results:
-        values = "".join(f"{r['metrics'][c]:>16.4f}" for c in TABLE_COLUMNS)
-        lines.append(f"{r['row']:<18}{r['nfe']:>5}{r['w']:>7.3g}" + values)
-    ref = [real["accuracy"], real["fd_train"], real["mean_abs"], real["frac_saturated"], 0.0]
-    lines.append(f"{'real digits':<18}{'':>5}{'':>7}" + "".join(f"{v:>16.4f}" for v in ref))
-    return "\n".join(lines)
-
-
 class DigitsTask(ImageTask):
     """scikit-learn digits with a class-conditional GM-DiT (+ SpectrumMLP) or the K = 1 baseline."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, keys: dict[str, Array]):
         """Check that the model fits the digits and load the fixed train / held-out split."""
-        super().__init__(config)
+        super().__init__(config, keys)
         size = int(config.data.image_size)
         mc = self.model_config
         if (mc.sample_size, mc.in_channels, mc.num_classes) != (size, 1, NUM_CLASSES):
@@ -82,11 +77,16 @@ class DigitsTask(ImageTask):
             )
         self.data = load_digits(size)
 
-    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        """Batch s = `DigitsData.batch(data key, s, B)` as {"x0", "labels"}, s >= start_step."""
-        key = run_keys(self.config.seed)["data"]
-        for images, labels in self.data.batches(key, self.config.train.batch_size, start_step):
-            yield {"x0": images, "labels": labels}
+    def data_iterator(self, layout: BatchLayout) -> None:
+        """None: batch s is a pure function of (data key, s)."""
+        return None
+
+    def batches(self, start_step: int, layout: BatchLayout) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of batch s = `DigitsData.batch(data key, s, B)` as {"x0", "labels"},
+        s >= start_step."""
+        batches = self.data.batches(self.keys["data"], layout.global_batch_size, start_step)
+        for images, labels in batches:
+            yield {"x0": images[layout.rows], "labels": labels[layout.rows]}
 
     def evaluator(self, workdir: str) -> DigitsEvaluator:
         """The digits evaluator; its classifier is cached in `config.eval.classifier_dir` or `workdir`."""
@@ -106,32 +106,17 @@ class DigitsTask(ImageTask):
         key: Array,
         per_class: int,
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """(images [10 per_class, S, S, 1], labels, setting description) of one row / NFE / w."""
-        cfg = self.solver_config(row, nfe, w)
+        """(images [10 per_class, S, S, 1], labels, setting fields) of one row / NFE / w, drawn by
+        the sampling driver from the evaluation streams of `key` (as `evaluate` draws them)."""
+        (setting,) = sweep_settings([row], [nfe], [w], self.solver_config)
         labels = class_labels(NUM_CLASSES, per_class)
-        images = sample_images(
-            denoiser,
-            spectrum,
-            params,
-            cfg,
-            w,
-            key,
-            labels,
-            self.image_shape,
-            int(self.config.sample.batch_size),
+        streams = batch_streams(
+            key, len(labels), int(self.config.sample.batch_size), self.image_shape
         )
-        setting = {
-            "row": row,
-            "solver": cfg.solver,
-            "order": cfg.order,
-            "spectral": cfg.spectral,
-            "num_substeps": cfg.num_substeps,
-            "nfe": nfe,
-            "guidance": guidance_kind(row),
-            "w": w,
-            "guided": cfg.guided,
-        }
-        return images, labels, setting
+        driver = SamplingDriver(denoiser, params, spectrum)
+        scale = setting.w if setting.cfg.guided else None
+        images = driver.sample(setting.cfg, streams, len(labels), labels, scale)
+        return images, labels, setting_fields(setting)
 
     def evaluate(
         self,
@@ -140,33 +125,28 @@ class DigitsTask(ImageTask):
         ema_params: Any,
         train_info: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Sample every (row, NFE, w), score, write metrics.json and the PNG grid, print a table."""
+        """Sample every (row, NFE, w) (`ImageTask.sweep`), score, write metrics.json and the PNG
+        grid, print a table."""
         t_start = time.perf_counter()
         e = self.config.eval
         evaluator = self.evaluator(workdir)
-        model = nnx.merge(graphdef, ema_params)
-        denoiser, spectrum = self.seams(model)
-        key = jax.random.split(run_keys(self.config.seed)["eval"], 2)[0]
         rows, nfes, scales = self.row_names()
-        per_class = int(e.per_class)
-        results, panels = [], {}
-        bar = tqdm(total=len(rows) * len(nfes) * len(scales), desc="eval", dynamic_ncols=True)
-        for row in rows:
-            for nfe in nfes:
-                for w in scales:
-                    bar.set_postfix_str(f"{row} NFE={nfe} w={w}")
-                    t0 = time.perf_counter()
-                    images, labels, setting = self.sample_setting(
-                        denoiser, spectrum, ema_params, row, nfe, w, key, per_class
-                    )
-                    sample_time = time.perf_counter() - t0
-                    metrics = evaluator.evaluate(images, labels)
-                    results.append({**setting, "metrics": metrics, "sample_time_s": sample_time})
-                    panels[(f"{row} w={w:g}", f"NFE {nfe}")] = class_mosaic(
-                        images, labels, NUM_CLASSES, int(e.grid_per_class)
-                    )
-                    bar.update(1)
-        bar.close()
+        rows = [canonical_sampler(r) for r in rows]
+        labels = class_labels(NUM_CLASSES, int(e.per_class))
+        panels = {}
+
+        def keep_panel(setting: Setting, images: np.ndarray) -> None:
+            panels[(f"{setting.row} w={setting.w:g}", f"NFE {setting.nfe}")] = class_mosaic(
+                images, labels, NUM_CLASSES, int(e.grid_per_class)
+            )
+
+        results = self.sweep(
+            graphdef,
+            ema_params,
+            labels,
+            lambda images, _: evaluator.evaluate(images, labels),
+            on_samples=keep_panel,
+        )
         kind = "flow_matching_baseline" if self.model_config.mean_only else "gmflow"
         size = self.data.image_size
         panel_grid_png(
@@ -187,15 +167,13 @@ class DigitsTask(ImageTask):
             "model": kind,
             "config": json.loads(self.config.to_json_best_effort()),
             "train": train_info or {},
-            "eval": {
-                "num_images": per_class * NUM_CLASSES,
-                "wall_time_s": time.perf_counter() - t_start,
-            },
+            "eval": {"num_images": len(labels), "wall_time_s": time.perf_counter() - t_start},
             "real": real,
             "results": results,
         }
-        write_json_atomic(os.path.join(workdir, e.metrics_file), payload)
-        table = format_table(results, real)
+        write_metrics(os.path.join(workdir, e.metrics_file), payload)
+        reference = {**real, "fd": real["fd_train"], "nonfinite_rate": 0.0}
+        table = format_table(results, TABLE_COLUMNS, references=[("real digits", reference)])
         print(table, flush=True)
         payload["table"] = table
         return payload

@@ -1,4 +1,4 @@
-"""The ImageNet-256 latent task: GM-DiT (+ SpectrumMLP) on prepared VAE latents (spec §4, §7, §8.1).
+"""The ImageNet-256 latent task: GM-DiT (+ SpectrumMLP) on prepared VAE latents (`docs/math.md` §4, §7, §8.1).
 
 Data (`config.data`): `source="files"` reads the directory `config.data.path` prepared by
 `python tools/prepare_imagenet_latents.py`: its ArrayRecord shards (`index.json`,
@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmflow_jax.atomic_file import write_json_atomic, write_npz_atomic
+from gmflow_jax.atomic_file import write_npz_atomic
 from gmflow_jax.data import latents as shards_lib
 from gmflow_jax.data.imagenet_latents import (
     LABELS_FILE,
@@ -40,14 +40,20 @@ from gmflow_jax.data.imagenet_latents import (
     open_latents,
     synthetic_latents,
 )
-from gmflow_jax.tasks.image import ImageTask, guidance_kind, sample_images
-from gmflow_jax.train.loop import run_keys
+from gmflow_jax.eval.sweep import Setting, format_table, write_metrics
+from gmflow_jax.tasks.image import ImageTask
+from gmflow_jax.train.task import BatchLayout
+
+Array = jax.Array
 
 DATA_SOURCES = ("files", "synthetic")
 """`config.data.source` values."""
 
 REFERENCE_EXAMPLES = 10_000
 """Data latents used for the reference statistics."""
+
+TABLE_COLUMNS = ("mean", "std", "nonfinite_rate")
+"""Latent statistics shown in the printed table (all of them go to metrics.json)."""
 
 
 def eval_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -72,9 +78,9 @@ def latent_statistics(latents: np.ndarray) -> dict[str, float]:
 class ImageNetLatentsTask(ImageTask):
     """Class-conditional GM-DiT on ImageNet-256 latents (or the synthetic stand-in)."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, keys: dict[str, Array]):
         """Open the data first (a missing prepared directory stops the run before any model work)."""
-        super().__init__(config)
+        super().__init__(config, keys)
         d = config.data
         if d.source not in DATA_SOURCES:
             raise ValueError(f"config.data.source must be one of {DATA_SOURCES}, got {d.source!r}")
@@ -113,47 +119,33 @@ class ImageNetLatentsTask(ImageTask):
         """Number of latents."""
         return self.data.num_examples if self.data is not None else self.shards.num_examples
 
-    def batches(self, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        """Batch s of the deterministic stream (seed `config.seed`) as {"x0", "labels"}."""
-        seed, batch_size = int(self.config.seed), int(self.config.train.batch_size)
-        if self.shards is not None:
-            dataset = shards_lib.latent_dataset(
-                self.shards, global_batch_size=batch_size, seed=seed
-            )
-            yield from shards_lib.make_iterator(dataset, start_step)
-            return
-        for x, y in self.data.batches(seed, batch_size, start_step):
-            yield {"x0": x, "labels": y}
-
-    def data_iterator(self, rows: tuple[int, int]) -> Any:
-        """The checkpointable grain iterator over rows [start, stop) of every global batch, at
-        step 0 (ArrayRecord shards only; None for the other sources, whose batch s is a pure
-        function of s). With `config.data.include_ids` batches also hold the example "ids"."""
+    def data_iterator(self, layout: BatchLayout) -> Any:
+        """The checkpointable grain iterator over this process's rows (`layout.rows`) of every
+        global batch, at step 0 (ArrayRecord shards only; None for the other sources, whose batch s
+        is a pure function of s). With `config.data.include_ids` batches also hold the example
+        "ids"."""
         if self.shards is None:
             return None
         dataset = shards_lib.latent_dataset(
             self.shards,
-            global_batch_size=int(self.config.train.batch_size),
+            global_batch_size=layout.global_batch_size,
             seed=int(self.config.seed),
-            rows=rows,
+            rows=layout.rows,
             include_ids=bool(self.config.data.get("include_ids", False)),
         )
         return shards_lib.make_iterator(dataset)
 
-    def process_batches(
-        self, start_step: int, rows: tuple[int, int]
-    ) -> Iterator[dict[str, np.ndarray]]:
-        """Rows [start, stop) of global batch s, s = start_step, ... (in-memory sources)."""
+    def batches(self, start_step: int, layout: BatchLayout) -> Iterator[dict[str, np.ndarray]]:
+        """This process's rows of batch s, s = start_step, ... (in-memory sources: synthetic or
+        a latents file; ArrayRecord shards go through `data_iterator`)."""
         if self.shards is not None:
-            iterator = self.data_iterator(rows)
+            iterator = self.data_iterator(layout)
             shards_lib.seek(iterator, start_step)
             yield from iterator
             return
-        start, stop = rows
-        for x, y in self.data.batches(
-            int(self.config.seed), int(self.config.train.batch_size), start_step
-        ):
-            yield {"x0": x[start:stop], "labels": y[start:stop]}
+        batches = self.data.batches(int(self.config.seed), layout.global_batch_size, start_step)
+        for x, y in batches:
+            yield {"x0": x[layout.rows], "labels": y[layout.rows]}
 
     def reference_latents(self, n: int) -> np.ndarray:
         """Up to `n` data latents (the first training batches) for reference statistics."""
@@ -172,45 +164,21 @@ class ImageNetLatentsTask(ImageTask):
         ema_params: Any,
         train_info: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Sample every (row, NFE, w); write latent statistics, samples.npz and metrics.json."""
+        """Sample every (row, NFE, w) (`ImageTask.sweep`); write latent statistics, samples.npz
+        and metrics.json; print a table."""
         t_start = time.perf_counter()
         e = self.config.eval
-        model = nnx.merge(graphdef, ema_params)
-        denoiser, spectrum = self.seams(model)
-        key = jax.random.split(run_keys(self.config.seed)["eval"], 2)[0]
         labels = eval_labels(int(e.num_samples), self.model_config.num_classes)
         reference = latent_statistics(self.reference_latents(REFERENCE_EXAMPLES))
-        rows, nfes, scales = self.row_names()
-        results, saved = [], {"labels": labels[: int(e.save_samples)]}
-        for row in rows:
-            for nfe in nfes:
-                for w in scales:
-                    cfg = self.solver_config(row, nfe, w)
-                    t0 = time.perf_counter()
-                    x = sample_images(
-                        denoiser,
-                        spectrum,
-                        ema_params,
-                        cfg,
-                        w,
-                        key,
-                        labels,
-                        self.image_shape,
-                        int(self.config.sample.batch_size),
-                    )
-                    results.append(
-                        {
-                            "row": row,
-                            "nfe": nfe,
-                            "w": w,
-                            "guidance": guidance_kind(row),
-                            "num_substeps": cfg.num_substeps,
-                            "spectral": cfg.spectral,
-                            "metrics": latent_statistics(x),
-                            "sample_time_s": time.perf_counter() - t0,
-                        }
-                    )
-                    saved[f"{row}_nfe{nfe}_w{w:g}"] = x[: int(e.save_samples)].astype(np.float16)
+        keep = int(e.save_samples)
+        saved = {"labels": labels[:keep]}
+
+        def save(setting: Setting, x: np.ndarray) -> None:
+            saved[f"{setting.row}_nfe{setting.nfe}_w{setting.w:g}"] = x[:keep].astype(np.float16)
+
+        results = self.sweep(
+            graphdef, ema_params, labels, lambda x, _: latent_statistics(x), on_samples=save
+        )
         write_npz_atomic(os.path.join(workdir, e.samples_file), **saved)
         payload = {
             "model": "flow_matching_baseline" if self.model_config.mean_only else "gmflow",
@@ -224,15 +192,8 @@ class ImageNetLatentsTask(ImageTask):
             },
             "results": results,
         }
-        write_json_atomic(os.path.join(workdir, e.metrics_file), payload)
-        lines = [f"{'solver':<18}{'NFE':>5}{'w':>7}{'mean':>10}{'std':>10}{'nonfinite':>11}"]
-        for r in results:
-            m = r["metrics"]
-            lines.append(
-                f"{r['row']:<18}{r['nfe']:>5}{r['w']:>7.3g}{m['mean']:>10.4f}{m['std']:>10.4f}"
-                f"{m['nonfinite_rate']:>11.4f}"
-            )
-        lines.append(f"{'data':<30}{reference['mean']:>10.4f}{reference['std']:>10.4f}")
-        payload["table"] = "\n".join(lines)
-        print(payload["table"], flush=True)
+        write_metrics(os.path.join(workdir, e.metrics_file), payload)
+        table = format_table(results, TABLE_COLUMNS, references=[("data", reference)], width=11)
+        print(table, flush=True)
+        payload["table"] = table
         return payload

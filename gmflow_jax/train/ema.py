@@ -1,7 +1,7 @@
-"""Exponential moving average of the parameters (spec `gmflow-math.md` §4.7).
+"""Exponential moving average of the parameters (`docs/math.md` §4.7).
 
 ==============================  ==================================================================
-function                        spec section
+function                        docs/math.md
 ==============================  ==================================================================
 `EMAConfig`                     §4.7 policies: karras (checkerboard), rampup (ImageNet), fixed
 `ema_beta`                      §4.7 beta at 0-based iteration i

@@ -1,9 +1,9 @@
 """AdamW with a warm-up-then-constant learning rate, bias-free weight decay, clipping and step skipping.
 
-Spec `gmflow-math.md`:
+Reference `docs/math.md`:
 
 ==============================  ==================================================================
-function                        spec section
+function                        docs/math.md
 ==============================  ==================================================================
 `warmup_constant_lr`            §4.6 lr_i = lr (1 - (1 - i/W)(1 - ratio)) for i < W, else lr
 `weight_decay_mask`             §4.6 / §10 "Parameter groups": no decay on any parameter named *bias*

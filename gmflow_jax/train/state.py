@@ -1,19 +1,16 @@
-"""The train state, the denoiser seam and the jitted training step.
+"""The train state and the training loss.
 
-Spec `gmflow-math.md`:
+`docs/math.md`:
 
 ==============================  ==================================================================
-name                            spec section
+name                            section
 ==============================  ==================================================================
-`NNXDenoiser`                   the denoiser seam: (params, x_t, t, labels) -> GM over u (§6) or u
 `LossConfig`, `t_sampler`       §1.3 training t sampler (uniform / logit-normal, shift), §4.1, §4.2,
                                 §4.3 spectral loss weight, §4.4 label dropout
 `drop_labels`                   §4.4 classifier-free label dropout to the null label
 `TrainState`, `init_train_state`  §4.6 / §4.7: params, AdamW state, EMA (a copy at init), step, rng
 `loss_terms`, `compute_loss`    §4.1-4.4: label dropout, transition GM-NLL or flow-matching L2, and
                                 the spectral loss when a spectrum seam is given
-`make_train_step`               §4.1-4.4 loss, §4.6 update, §4.7 EMA update, in one `jax.jit`
-                                that donates the state
 ==============================  ==================================================================
 
 The optional spectrum seam `spectrum(params, m, v) -> psi` (the SpectrumMLP, §6.3) reads the same
@@ -21,9 +18,8 @@ params tree as the denoiser. Its loss only reaches the SpectrumMLP parameters (i
 stop-gradient summaries of the network's GM, §4.3), and the transition loss never reaches them (the
 denoiser does not use them), so one optimizer over the whole tree trains both as in the reference.
 
-The rest of the code never sees a network: a model is `graphdef, params = nnx.split(model)`, and the
-denoiser is the pure function `NNXDenoiser(graphdef)(params, x_t, t, labels)` (hashable, so it can be a
-static argument of a jitted solver). The step is a plain `jax.jit` over this split state.
+The loss never sees a network: it calls the pure denoiser function of `models.denoiser.network_functions`
+on the split parameters. The step that applies it lives in `train.step`.
 """
 
 from __future__ import annotations
@@ -40,8 +36,6 @@ from flax import nnx, struct
 
 from gmflow_jax import flow, losses
 from gmflow_jax.gm import GM
-from gmflow_jax.train.ema import EMAConfig, ema_beta, ema_update
-from gmflow_jax.train.optimizer import OptimizerConfig, apply_gradients
 
 Array = jax.Array
 PyTree = Any
@@ -54,20 +48,6 @@ T_SAMPLERS = ("uniform", "logit_normal")
 
 LABEL_DROPOUT_STREAM = 0x1ABE1
 """fold_in constant of the label-dropout key: a stream independent of t and the noises (§10)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class NNXDenoiser:
-    """The denoiser seam: `(params, x_t, t, labels) -> GM over u` (or the u mean) from an NNX graphdef.
-
-    Frozen and hashable (equal graphdefs compare equal), so it can be a static jit argument.
-    """
-
-    graphdef: nnx.GraphDef
-
-    def __call__(self, params: PyTree, x_t: Array, t: Array, labels: Array | None = None):
-        """Evaluate the network with `params` at `x_t` `[B, H, W, C]`, times `t` `[B]`, labels."""
-        return nnx.merge(self.graphdef, params)(x_t, t, labels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,52 +209,3 @@ def compute_loss(
     if "spec" in terms:
         return terms["trans"] + terms["spec"]
     return terms["trans"]
-
-
-@functools.lru_cache(maxsize=16)
-def make_train_step(
-    denoiser: Callable[..., GM | Array],
-    tx: optax.GradientTransformation,
-    opt_cfg: OptimizerConfig,
-    ema_cfg: EMAConfig,
-    loss_cfg: LossConfig,
-    spectrum: Callable[..., Array] | None = None,
-) -> Callable[[TrainState, dict[str, Array]], tuple[TrainState, dict[str, Array]]]:
-    """The jitted `train_step(state, batch) -> (state, metrics)`, donating `state`.
-
-    Memoized on its (hashable) arguments, so building the same step twice reuses one compilation.
-
-    `batch` is `{"x0": [B, H, W, C], "labels": [B] int or absent/None}`. Iteration i = state.step uses the
-    key fold_in(state.rng, i). Metrics (float32 scalars, left on device): loss, lr, grad_norm, skipped,
-    and with a `spectrum` seam also loss_trans and loss_spec (loss = loss_trans + loss_spec).
-    """
-
-    def loss_and_grads(params: PyTree, key: Array, batch: dict[str, Array]):
-        if spectrum is None:
-            loss, grads = jax.value_and_grad(
-                lambda p: compute_loss(denoiser, p, key, batch["x0"], batch.get("labels"), loss_cfg)
-            )(params)
-            return loss, grads, {}
-
-        def total(p):
-            terms = loss_terms(
-                denoiser, p, key, batch["x0"], batch.get("labels"), loss_cfg, spectrum
-            )
-            return terms["trans"] + terms["spec"], terms
-
-        (loss, terms), grads = jax.value_and_grad(total, has_aux=True)(params)
-        return loss, grads, {"loss_trans": terms["trans"], "loss_spec": terms["spec"]}
-
-    def train_step(state: TrainState, batch: dict[str, Array]):
-        key = jax.random.fold_in(state.rng, state.step)
-        loss, grads, parts = loss_and_grads(state.params, key, batch)
-        params, opt_state, metrics = apply_gradients(
-            opt_cfg, tx, state.params, grads, state.opt_state, state.step
-        )
-        ema_params = ema_update(state.ema_params, params, ema_beta(ema_cfg, state.step))
-        new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params
-        )
-        return new_state, {"loss": loss.astype(jnp.float32), **parts, **metrics}
-
-    return jax.jit(train_step, donate_argnums=0)

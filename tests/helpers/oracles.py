@@ -1,4 +1,4 @@
-"""Independent oracles shared by the tests: the exact GM posterior of a GM prior (spec §9)."""
+"""Independent oracles shared by the tests: the exact GM posterior of a GM prior (`docs/math.md` §9)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from gmflow_jax.gm import GM
 
 
 def exact_posterior_u_gm(x_t, t, prior_means, prior_logweights, prior_var) -> GM:
-    """The exact u-space posterior GM p(u | x_t) for data ~ sum_k pi_k N(m_k, v I) (spec §9).
+    """The exact u-space posterior GM p(u | x_t) for data ~ sum_k pi_k N(m_k, v I) (`docs/math.md` §9).
 
     x_t `[B, H, W, C]`, t `[B]` in [0, 1000]; prior means `[K, C]`, log-weights `[K]`, scalar var.
     Posterior over x0: v' = (1/v + a^2/s^2)^-1, m'_k = v'(m_k/v + a x_t/s^2), log-weights

@@ -1,7 +1,7 @@
 """A tiny pod-scale training job for the resume and multi-process tests (run as a script).
 
 It is a thin wrapper over the real training loop of `python -m gmflow_jax.main` for a config with a
-mesh (`gmflow_jax.train.sharded.train_sharded`): the `configs/imagenet256.py:tiny` config pointed at
+mesh (`gmflow_jax.train.loop.train`, the one loop): the `configs/imagenet256.py:tiny` config pointed at
 a tiny ArrayRecord latent set (`write_tiny_latents`), with the mesh, steps and checkpoint interval of
 the command line. So the jobs these tests kill, preempt and resume run the same code as the
 entry point: distributed start-up -> mesh -> shape-first sharded init -> grain loader (this
@@ -148,12 +148,15 @@ def main(argv: list[str]) -> int:
     from absl import flags
 
     from gmflow_jax import tasks
-    from gmflow_jax.train.sharded import start_distributed, train_sharded
+    from gmflow_jax.parallel.distributed import start_distributed
+    from gmflow_jax.train.loop import train
+    from gmflow_jax.train.task import run_keys
 
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags
     config = make_config(args)
     start_distributed(config)  # before anything touches a device
-    task = tasks.make_task(config)
+    keys = run_keys(config.seed)
+    task = tasks.make_task(config, keys)
     log = open(f"{args.log}.p{jax.process_index()}", "a")
 
     def callback(event: str, fields: dict) -> None:
@@ -171,7 +174,7 @@ def main(argv: list[str]) -> int:
             time.sleep(args.step_delay)
 
     with log:
-        _, state, info = train_sharded(config, args.workdir, task, callback=callback)
+        _, state, info = train(config, args.workdir, task, keys, callback=callback)
         if not info["preempted"]:
             from jax.experimental import multihost_utils
 

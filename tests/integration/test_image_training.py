@@ -1,6 +1,6 @@
 """Class-conditional image training: train steps, label dropout, spectral loss routing, sampling, bf16.
 
-Spec `gmflow-math.md` §4.1-4.6 (training), §5.2-5.7 (guided GM-SDE 2 / GM-ODE 2 sampling). The
+`docs/math.md` §4.1-4.6 (training), §5.2-5.7 (guided GM-SDE 2 / GM-ODE 2 sampling). The
 ImageNet-256 tiny run and the latent loaders are in `test_imagenet_task.py`.
 """
 
@@ -16,12 +16,13 @@ from flax import nnx
 
 from gmflow_jax import solvers
 from gmflow_jax.gm import GM
+from gmflow_jax.models.builder import build_image_denoiser
+from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.models.gm_dit import GMDiTConfig
-from gmflow_jax.models.image_denoiser import ImageDenoiser, SpectrumConfig, image_seams
+from gmflow_jax.models.image_denoiser import ImageDenoiser, SpectrumConfig
 from gmflow_jax.tasks.image import row_solver_config
 from gmflow_jax.train.state import (
     LossConfig,
-    NNXDenoiser,
     drop_labels,
     loss_terms,
 )
@@ -41,7 +42,7 @@ def _tiny_model(dtype="float32", spectrum=True, seed=0) -> ImageDenoiser:
         dtype=dtype,
     )
     spec = SpectrumConfig((1, 8, 8), (16, 4)) if spectrum else None
-    return ImageDenoiser(cfg, spec, rngs=nnx.Rngs(params=jax.random.PRNGKey(seed)))
+    return build_image_denoiser(cfg, spec, jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def _spiked_params():
 @functools.cache
 def _term_grads(dtype: str):
     """Jitted params -> (terms, grad of "trans", grad of "spec") for the tiny model in `dtype`."""
-    denoiser, spectrum = image_seams(_tiny_model(dtype))
+    denoiser, spectrum = network_functions(_tiny_model(dtype))
 
     def fn(params):
         terms = lambda p: loss_terms(  # noqa: E731
@@ -164,7 +165,7 @@ def test_bf16_loss_and_gradients_agree_with_fp32_within_two_percent():
 
 def test_guided_sampling_is_one_jitted_function_that_does_not_retrace():
     model = _tiny_model()
-    denoiser, spectrum = image_seams(model)
+    denoiser, spectrum = network_functions(model)
     params = nnx.state(model)
     labels = jnp.arange(6, dtype=jnp.int32) % 10
     noise = jax.random.normal(jax.random.PRNGKey(0), (6, 8, 8, 1))
@@ -191,14 +192,14 @@ def test_guided_sampling_is_one_jitted_function_that_does_not_retrace():
     assert np.max(np.abs(np.asarray(outs[0][1]) - np.asarray(outs[2][1]))) > 1e-4  # w is used
 
 
-def test_nnx_denoiser_of_the_whole_image_model_equals_the_component_seam():
+def test_denoiser_function_on_the_full_state_equals_the_image_model_call():
     model = _tiny_model()
     graphdef, params = nnx.split(model)
-    denoiser, _ = image_seams(model)
+    denoiser, _ = network_functions(model)
     x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 1))
     t = jnp.array([10.0, 500.0, 990.0])
     y = jnp.array([0, 4, 10], jnp.int32)
-    a, b = jax.jit(lambda p: (NNXDenoiser(graphdef)(p, x, t, y), denoiser(p, x, t, y)))(params)
+    a, b = jax.jit(lambda p: (nnx.merge(graphdef, p)(x, t, y), denoiser(p, x, t, y)))(params)
     assert isinstance(a, GM)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)

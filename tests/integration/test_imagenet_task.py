@@ -1,4 +1,4 @@
-"""The ImageNet-256 latent task: the paper's config, the latent loaders, the tiny run (spec §4.8, §8.1).
+"""The ImageNet-256 latent task: the paper's config, the latent loaders, the tiny run (`docs/math.md` §4.8, §8.1).
 
 The tiny variant (`configs/imagenet256.py:tiny`: bf16 compute, C = 4, synthetic latents) runs through
 the real entry point, `python -m gmflow_jax.main`, in a subprocess with 8 fake devices: the pod-scale

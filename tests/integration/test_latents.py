@@ -25,7 +25,7 @@ from gmflow_jax.checkpoint import Checkpointer
 from gmflow_jax.data import latents
 from gmflow_jax.models.vae import VAEConfig, abstract_vae_params, load_vae, pixels_from_uint8
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHAPE = (4, 4, 2)
 
 
@@ -145,8 +145,13 @@ def test_host_shards_reassemble_the_single_host_global_batch(tmp_path):
         assert all(p["ids"].shape == (2,) for p in parts)
         for key in ("ids", "labels", "x0"):
             np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key])
-    rows = latents.latent_dataset(shards, global_batch_size=8, seed=1, rows=(2, 6))
+    rows = latents.latent_dataset(shards, global_batch_size=8, seed=1, rows=np.arange(2, 6))
     np.testing.assert_array_equal(rows[3]["labels"], single_batch_labels(shards, 3)[2:6])
+    blocks = latents.latent_dataset(shards, global_batch_size=8, seed=1, rows=[0, 1, 6, 7])
+    np.testing.assert_array_equal(blocks[3]["labels"], single_batch_labels(shards, 3)[[0, 1, 6, 7]])
+    for bad in ([2, 2], [8], []):
+        with pytest.raises(ValueError, match="rows must"):
+            latents.latent_dataset(shards, global_batch_size=8, seed=1, rows=bad)
     with pytest.raises(ValueError, match="divisible by the 3 shards"):
         latents.latent_dataset(
             shards,

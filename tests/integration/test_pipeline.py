@@ -1,17 +1,16 @@
 """Tests of GMFlowPipeline (gmflow_jax.pipeline) and of the sampling notebook colab/sample.ipynb.
 
 A tiny random GM-DiT (2 blocks, width 64, 2 heads, 8x8 latents, K = 2, 1000 classes), SpectrumMLP
-and VAE are written as an official diffusers folder (key layouts from test_official_checkpoint's
-plain description and `_vae_layout` below). The pipeline's samples are compared with a direct
-`solvers.sample` call built independently (list-of-blocks model, `NNXDenoiser`, hand-made noise,
-keys and `SolverConfig`), and its images with the VAE decode of those latents.
+and VAE are written as an official diffusers folder (`helpers.official_layout`, a plain
+description of the key layouts). The pipeline's samples are compared with a direct `solvers.sample`
+call built independently (hand-made noise, keys and `SolverConfig`), and its images with the VAE
+decode of those latents.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 
@@ -21,20 +20,14 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from safetensors.numpy import save_file
-from test_official_checkpoint import (
-    TINY_DIT_CONFIG,
-    TINY_SPECTRUM_CONFIG,
-    _load_cli,
-    _official_spectrum_layout,
-    _official_transformer_layout,
-    _random_state_dict,
-)
-from test_vae import TINY_CONFIG as TINY_VAE_CONFIG
+from helpers.official_layout import load_convert_cli, write_tiny_official_folder
 
-from gmflow_jax import official, solvers
 from gmflow_jax import pipeline as pipeline_module
+from gmflow_jax import solvers
 from gmflow_jax.checkpoint import Checkpointer
+from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
+from gmflow_jax.models.builder import gm_dit_config_to_dict
+from gmflow_jax.models.image_denoiser import ImageDenoiser
 from gmflow_jax.pipeline import (
     GMFlowPipeline,
     imagenet_class_names,
@@ -42,103 +35,10 @@ from gmflow_jax.pipeline import (
 )
 from gmflow_jax.train.state import init_train_state
 
-NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / "colab" / "sample.ipynb"
-
-DIT_CONFIG = {**TINY_DIT_CONFIG, "num_embeds_ada_norm": 1000}
-
-VAE_CONFIG = {**TINY_VAE_CONFIG, "block_out_channels": [16, 32]}
-"""The tiny VAE of test_vae at half the width (the pipeline tests only need its key layout)."""
+NOTEBOOK = pathlib.Path(__file__).resolve().parents[2] / "colab" / "sample.ipynb"
 
 WORDS = ["hummingbird", 3, "Tinca tinca"]
 LABELS = [94, 3, 0]
-
-
-def _vae_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every key of a diffusers AutoencoderKL state dict -> torch shape (a plain description)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    chans, lat = cfg["block_out_channels"], cfg["latent_channels"]
-
-    def conv(name, cin, cout, k):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
-
-    def norm(name, c):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (c,), (c,)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin)
-        conv(f"{name}.conv1", cin, cout, 3)
-        norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{name}.conv_shortcut", cin, cout, 1)
-
-    def mid(name, c):
-        resnet(f"{name}.resnets.0", c, c)
-        norm(f"{name}.attentions.0.group_norm", c)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            shapes[f"{name}.attentions.0.{proj}.weight"] = (c, c)
-            shapes[f"{name}.attentions.0.{proj}.bias"] = (c,)
-        resnet(f"{name}.resnets.1", c, c)
-
-    conv("encoder.conv_in", cfg["in_channels"], chans[0], 3)
-    for i, c in enumerate(chans):
-        for j in range(cfg["layers_per_block"]):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", chans[max(i - 1, 0)] if j == 0 else c, c)
-        if i < len(chans) - 1:
-            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
-    mid("encoder.mid_block", chans[-1])
-    norm("encoder.conv_norm_out", chans[-1])
-    conv("encoder.conv_out", chans[-1], 2 * lat, 3)
-    conv("quant_conv", 2 * lat, 2 * lat, 1)
-    conv("post_quant_conv", lat, lat, 1)
-    rev = chans[::-1]
-    conv("decoder.conv_in", lat, rev[0], 3)
-    mid("decoder.mid_block", rev[0])
-    for i, c in enumerate(rev):
-        for j in range(cfg["layers_per_block"] + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", rev[max(i - 1, 0)] if j == 0 else c, c)
-        if i < len(rev) - 1:
-            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
-    norm("decoder.conv_norm_out", rev[-1])
-    conv("decoder.conv_out", rev[-1], cfg["out_channels"], 3)
-    return shapes
-
-
-def _vae_state_dict(seed: int) -> dict[str, np.ndarray]:
-    """Random VAE weights: GroupNorm scales near 1, fan-in scaled convs, small biases."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in _vae_layout(VAE_CONFIG).items():
-        is_norm = ".norm" in key or "group_norm" in key or "conv_norm_out" in key
-        if key.endswith(".bias"):
-            value = 0.05 * rng.standard_normal(shape)
-        elif is_norm:
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-        sd[key] = value.astype(np.float32)
-    return sd
-
-
-def write_tiny_official_folder(root: pathlib.Path) -> pathlib.Path:
-    """A tiny official diffusers folder: transformer/, spectrum_net/, vae/, model_index.json."""
-    parts = {
-        "transformer": (
-            DIT_CONFIG,
-            _random_state_dict(_official_transformer_layout(DIT_CONFIG), 1),
-        ),
-        "spectrum_net": (
-            TINY_SPECTRUM_CONFIG,
-            _random_state_dict(_official_spectrum_layout(TINY_SPECTRUM_CONFIG), 2),
-        ),
-        "vae": (VAE_CONFIG, _vae_state_dict(3)),
-    }
-    for folder, (cfg, sd) in parts.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / folder / "config.json").write_text(json.dumps(cfg))
-        save_file(sd, str(root / folder / "diffusion_pytorch_model.safetensors"))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "GMDiTPipeline"}))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +143,7 @@ def test_samples_equal_direct_solver_call_and_images_its_vae_decode(pipe, offici
     assert np.abs(other - latents).max() > 1e-3
     images = pipe(WORDS, 0.3, num_steps=2, num_substeps=1, solver="gm_ode", seed=5)
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
-    vae_graphdef, vae_state = nnx.split(official.load_vae_folder(str(official_dir / "vae")))
+    vae_graphdef, vae_state = nnx.split(load_vae_folder(str(official_dir / "vae")))
     decoded = pipeline_module._decode(vae_graphdef, vae_state, jnp.asarray(latents))
     np.testing.assert_array_equal(images, np.asarray(decoded))
     assert len(np.unique(images)) > 20
@@ -254,7 +154,7 @@ def test_gm_sde_uses_spectral_sampling_when_a_spectrum_net_is_loaded(pipe, offic
     assert pipe.solver_config("gm_sde2", 2).spectral and pipe.solver_config("gm_sde", 2).spectral
     assert not pipe.solver_config("gm_ode2", 2).spectral
     assert not pipe.solver_config("gm_sde2", 2, spectral=False).spectral
-    no_spec = official.load_official(str(official_dir), with_vae=False)
+    no_spec = load_official(str(official_dir), with_vae=False)
     plain = GMFlowPipeline(no_spec.transformer)
     assert not plain.solver_config("gm_sde2", 2).spectral
     with pytest.raises(ValueError, match="needs a SpectrumMLP"):
@@ -265,7 +165,7 @@ def test_converted_folder_and_chunked_batches_give_the_same_samples(pipe, offici
     """The tool's converted folder samples like the raw folder; GM-ODE ignores batch chunking."""
     args = dict(num_steps=2, num_substeps=1, solver="gm_ode", seed=5, output_type="latents")
     raw = pipe(WORDS, 0.3, **args)
-    assert _load_cli().main(["--src", str(official_dir), "--out_dir", str(tmp_path)]) == 0
+    assert load_convert_cli().main(["--src", str(official_dir), "--out_dir", str(tmp_path)]) == 0
     converted = GMFlowPipeline.from_official(str(tmp_path))
     assert converted.has_vae and converted._spectrum is not None
     np.testing.assert_array_equal(converted(WORDS, 0.3, **args), raw)
@@ -279,20 +179,15 @@ def test_from_checkpoint_samples_with_the_ema_parameters(
     pipe, official_dir, tmp_path, with_spectrum
 ):
     """A training checkpoint (orbax TrainState) + config.json loads its EMA params, not the raw ones."""
-    models = official.load_official(str(official_dir), scan_blocks=True, with_vae=False)
-
-    class _Both(nnx.Module):
-        def __init__(self, denoiser, spectrum_net):
-            self.denoiser = denoiser
-            self.spectrum_net = spectrum_net
-
-    module = _Both(models.transformer, models.spectrum_net) if with_spectrum else models.transformer
+    models = load_official(str(official_dir), scan_blocks=True, with_vae=False)
+    # The training module (`models.builder.build_model`'s ImageDenoiser), with or without spectrum.
+    module = ImageDenoiser(models.transformer, models.spectrum_net if with_spectrum else None)
     graphdef, state = init_train_state(module, optax.adamw(1e-3), jax.random.PRNGKey(0))
     ema = jax.jit(lambda tree: jax.tree.map(lambda a: 0.5 * a, tree))(state.params)
     state = state.replace(ema_params=ema)
     with Checkpointer(tmp_path / "checkpoints", async_save=False) as ckpt:
         ckpt.save(3, state, force=True)
-    run_config = {"model": official.gm_dit_config_to_dict(models.transformer.config)}
+    run_config = {"model": gm_dit_config_to_dict(models.transformer.config)}
     if with_spectrum:
         run_config["spectrum_net"] = {"base_size": [4, 8, 8], "layers": [16, 8]}
         run_config["vae"] = os.path.relpath(official_dir / "vae", tmp_path)
@@ -301,7 +196,7 @@ def test_from_checkpoint_samples_with_the_ema_parameters(
     loaded = GMFlowPipeline.from_checkpoint(str(tmp_path))
     assert loaded.has_vae == with_spectrum and (loaded._spectrum is not None) == with_spectrum
     ema_model = nnx.merge(graphdef, ema)
-    ema_dit = ema_model.denoiser if with_spectrum else ema_model
+    ema_dit = ema_model.denoiser
     args = dict(num_steps=2, num_substeps=1, solver="gm_ode", seed=5, output_type="latents")
     expected = GMFlowPipeline(ema_dit)(WORDS, 0.3, **args)
     np.testing.assert_array_equal(loaded(WORDS, 0.3, **args), expected)
@@ -336,7 +231,7 @@ def test_from_checkpoint_without_a_config_says_what_to_write(tmp_path):
         ({"guidance_scale": float("nan")}, r"must be in \[0, 1\)"),
         ({"num_steps": 0}, "num_steps=0 must be an integer >= 1"),
         ({"num_steps": 2.5}, "num_steps=2.5 must be an integer >= 1"),
-        ({"solver": "gm_sde3"}, r"unknown solver 'gm_sde3'; did you mean \[.*'gm_sde2'"),
+        ({"solver": "gm_sde3"}, r"unknown sampler 'gm_sde3'; did you mean 'gm_sde'\? Allowed:"),
         ({"solver": "gm_sde2", "num_substeps": 4}, "num_substeps=4 > 1 needs a GM-ODE solver"),
         ({"solver": "euler"}, "baseline solver 'euler' runs unguided only"),
         ({"solver": "gm_ode2", "spectral": True}, "spectral=True needs a GM-SDE solver"),
@@ -356,7 +251,7 @@ def test_bad_arguments_raise_clear_errors(pipe, kwargs, match):
 
 def test_images_without_a_vae_are_refused_and_latents_returned_by_default(official_dir):
     """No VAE: output_type='images' raises; the default output is the latents."""
-    models = official.load_official(str(official_dir), with_vae=False)
+    models = load_official(str(official_dir), with_vae=False)
     no_vae = GMFlowPipeline(models.transformer, models.spectrum_net)
     assert not no_vae.has_vae
     with pytest.raises(ValueError, match="needs a VAE"):

@@ -1,6 +1,6 @@
 """Crash / preemption / corruption recovery of a sharded training job (tests/helpers/sharded_run.py).
 
-The jobs run the real training loop of `python -m gmflow_jax.main` (`train.sharded.train_sharded`,
+The jobs run the real training loop of `python -m gmflow_jax.main` (`train.loop.train`,
 through the thin wrapper tests/helpers/sharded_run.py) on a mesh data=2 x fsdp=2 of 4 fake CPU devices. The
 oracle is one uninterrupted run (A); three interrupted jobs must reproduce it bit for bit (losses,
 example ids per step, final parameters):

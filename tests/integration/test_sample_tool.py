@@ -2,7 +2,7 @@
 
 A tiny random GM-DiT (2 blocks, width 64, 8x8x4 latents, K = 2, 1000 classes) with a SpectrumMLP is
 saved as one of our training checkpoints (orbax TrainState + config.json pointing at a tiny random
-VAE, 16x16 images), built from test_pipeline's tiny official folder. The base run samples 20 images
+VAE, 16x16 images), built from the tiny official folder of `helpers.official_layout`. The base run samples 20 images
 with GM-SDE 2 (spectral sampling, guidance 0.3, 2 steps) on the 8 fake CPU devices in global batches
 of 16 (2 per device); the other runs are compared with it.
 """
@@ -22,16 +22,17 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from helpers.official_layout import write_tiny_official_folder
 from scipy import stats
-from test_pipeline import write_tiny_official_folder
 
-from gmflow_jax import official
 from gmflow_jax.checkpoint import Checkpointer
 from gmflow_jax.eval import sampling
+from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
+from gmflow_jax.models.builder import gm_dit_config_to_dict
+from gmflow_jax.models.image_denoiser import ImageDenoiser
 from gmflow_jax.train.state import init_train_state
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "sample.py"
 
 SEED = 7
@@ -52,28 +53,20 @@ def _load_tool():
     return module
 
 
-class _DenoiserAndSpectrum(nnx.Module):
-    """The training module of a run with a SpectrumMLP (`ema_params` = {denoiser, spectrum_net})."""
-
-    def __init__(self, denoiser, spectrum_net):
-        self.denoiser = denoiser
-        self.spectrum_net = spectrum_net
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> pathlib.Path:
     """A training workdir: checkpoints/ (step 3, EMA = 0.9 x the random weights) and config.json."""
     root = tmp_path_factory.mktemp("sample_tool")
     official_dir = write_tiny_official_folder(root / "official")
-    models = official.load_official(str(official_dir), scan_blocks=True, with_vae=False)
-    module = _DenoiserAndSpectrum(models.transformer, models.spectrum_net)
+    models = load_official(str(official_dir), scan_blocks=True, with_vae=False)
+    module = ImageDenoiser(models.transformer, models.spectrum_net)  # the training module
     _, state = init_train_state(module, optax.adamw(1e-3), jax.random.PRNGKey(0))
     state = state.replace(ema_params=jax.tree.map(lambda a: 0.9 * a, state.params))
     work = root / "run"
     with Checkpointer(work / "checkpoints", async_save=False) as ckpt:
         ckpt.save(3, state, force=True)
     config = {
-        "model": official.gm_dit_config_to_dict(models.transformer.config),
+        "model": gm_dit_config_to_dict(models.transformer.config),
         "spectrum_net": {"base_size": [4, 8, 8], "layers": [16, 8]},
         "vae": os.path.relpath(official_dir / "vae", work),
     }
@@ -306,7 +299,7 @@ def test_uint8_conversion_matches_adm_truncation_and_rounding():
 def test_run_images_are_adm_uint8_of_the_vae_decode_of_its_latents(base_run, workdir):
     """The written images are ADM's truncating uint8 of the VAE decode of the written latents."""
     config = json.loads((workdir / "config.json").read_text())
-    vae = official.load_vae_folder(str(workdir / config["vae"]))
+    vae = load_vae_folder(str(workdir / config["vae"]))
     got = _load(base_run)
     decoded = np.asarray(jax.jit(lambda z: vae.decode(z))(got["latents"]), np.float64)
     oracle = np.floor(np.clip((decoded + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)

@@ -1,6 +1,6 @@
-"""Tests of `gmflow_jax.flow` (spec §1, §3; oracles 1-7, 12, 13, 35) against independent oracles.
+"""Tests of `gmflow_jax.flow` (`docs/math.md` §1, §3; oracles 1-7, 12, 13, 35) against independent oracles.
 
-The oracles are numpy float64 formulas written from the spec (Gaussian conditioning of the joint
+The oracles are numpy float64 formulas written from docs/math.md (Gaussian conditioning of the joint
 (x_t', x_t) | x_0, the exact GM posterior of a GM prior, ...), Monte Carlo estimates with tolerances
 from the standard error, and scipy KS tests. Property tests cover jit / vmap / grad, bf16 inputs,
 float64 recomputation, finite-difference gradients at extreme values and trace-time shape errors.
@@ -59,7 +59,7 @@ def np_conditioning_coefs(sigma, sigma_to):
 
 
 def np_posterior(log_pi, m, v, x, sigma):
-    """Exact p(x0 | x_t = x) for the GM prior {pi, m, v} (spec §9): means, log-weights, variance.
+    """Exact p(x0 | x_t = x) for the GM prior {pi, m, v} (`docs/math.md` §9): means, log-weights, variance.
 
     log_pi [..., K, 1], m [..., K, C], v broadcastable to [..., 1, 1], x [..., C], sigma bcast.
     """
@@ -222,7 +222,7 @@ def test_reverse_coefficients_limits():
 
 
 def np_reverse_gm(means, lw, ls, x_t, t, t_to, prediction):
-    """Reverse-transition GM from the spec §3.3 formulas with both floors (numpy float64)."""
+    """Reverse-transition GM from the `docs/math.md` §3.3 formulas with both floors (numpy float64)."""
     nd = means.ndim
     s, s_to = bcast(t, nd) / T, bcast(t_to, nd) / T
     a, a_to = 1 - s, 1 - s_to
@@ -401,7 +401,7 @@ def _prior(rng, batch=(2, 3, 2), k=4, c=3):
 
 
 def _exact_u_gm(log_pi, m, v, x, t):
-    """The perfect denoiser: the exact posterior at (x, t) as a u-GM (spec §9)."""
+    """The perfect denoiser: the exact posterior at (x, t) as a u-GM (`docs/math.md` §9)."""
     s = bcast(np.asarray(t) / T, m.ndim)
     mp, lwp, vp = np_posterior(log_pi, m, v, x, s)
     return (x[..., None, :] - mp) / s, lwp, 0.5 * np.log(vp) - np.log(s)
@@ -441,7 +441,7 @@ def test_retarget_with_the_exact_posterior_reproduces_the_exact_posterior(t_src,
 
 
 def np_retarget(means, lw, ls, x_src, t_src, x_tgt, t_tgt):
-    """§3.4 from the spec formulas with both floors (numpy float64): (mean, GM)."""
+    """§3.4 from the docs/math.md formulas with both floors (numpy float64): (mean, GM)."""
     s_s, s_t = bcast(t_src, 5) / T, bcast(t_tgt, 5) / T
     a_s, a_t = 1 - s_s, 1 - s_t
     d = np.maximum((a_t * s_s) ** 2 - (a_s * s_t) ** 2, EPS)

@@ -1,6 +1,6 @@
-"""Tests of `gmflow_jax.gm` (spec §2.1-2.8, oracles 8-11) against independent numpy float64 oracles.
+"""Tests of `gmflow_jax.gm` (`docs/math.md` §2.1-2.8, oracles 8-11) against independent numpy float64 oracles.
 
-Every oracle below is written from the spec formulas in numpy float64 (or is a Monte Carlo or
+Every oracle below is written from the docs/math.md formulas in numpy float64 (or is a Monte Carlo or
 quadrature estimate); none calls the code under test. Property tests cover jit / vmap / grad, dtype
 promotion (bf16 -> float32), float64 recomputation, finite-difference gradients at extreme values
 and trace-time shape errors.
@@ -29,7 +29,7 @@ from gmflow_jax import gm as G
 from gmflow_jax.constants import PRODUCT_EPS, QUOTIENT_EPS
 
 # ------------------------------------------------------------------------------------------------
-# numpy float64 oracles (written from the spec, independent of gmflow_jax)
+# numpy float64 oracles (written from docs/math.md, independent of gmflow_jax)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -148,7 +148,7 @@ def test_moments_match_monte_carlo_samples(k, c):
     prod = d[..., :, None] * d[..., None, :]
     se_c = prod.std(0) / np.sqrt(n)
     assert np.all(np.abs(prod.mean(0) - cov) < 5 * se_c + 1e-6)
-    # and the sampler's moments are those of the spec (numpy oracle)
+    # and the sampler's moments are those of docs/math.md (numpy oracle)
     np.testing.assert_allclose(cov, np_moments(*p)[2], rtol=1e-5, atol=1e-5)
 
 

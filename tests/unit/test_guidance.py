@@ -1,4 +1,4 @@
-"""Probabilistic guidance and CFG (spec §5.3-§5.5, §5.9; oracles 18-20)."""
+"""Probabilistic guidance and CFG (`docs/math.md` §5.3-§5.5, §5.9; oracles 18-20)."""
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
-"""Tests of `gmflow_jax.losses` (spec §4.1-4.2; oracles 17, 27, 28) against independent oracles.
+"""Tests of `gmflow_jax.losses` (`docs/math.md` §4.1-4.2; oracles 17, 27, 28) against independent oracles.
 
-Oracles: the spec's t_low rule and NLL formula written in numpy, Monte Carlo moments of the training
+Oracles: the docs/math.md t_low rule and NLL formula written in numpy, Monte Carlo moments of the training
 pair, and 1-D quadrature of the expected transition loss under the exact transition distribution of
 a GM prior (its minimizer, its value = entropy, and excess = KL). Property tests cover jit / vmap /
 grad, bf16 inputs, float64 recomputation, finite-difference gradients at extreme values and
@@ -290,7 +290,7 @@ def test_expected_transition_loss_is_minimized_by_the_exact_transition_gm():
         # its value is the entropy of q minus the omitted (1/2) log 2 pi
         entropy = -np.sum(w * xlogy(q, q))
         np.testing.assert_allclose(float(e_star), entropy - 0.5 * np.log(2 * np.pi), atol=1e-10)
-        # any perturbation costs exactly KL(q || p_theta) > 0 (p_theta from the spec formulas)
+        # any perturbation costs exactly KL(q || p_theta) > 0 (p_theta from the docs/math.md formulas)
         perturbations = [
             (np.array([0.05, 0.0]), np.zeros(2), 0.0),
             (np.array([0.0, -0.03]), np.zeros(2), 0.0),

@@ -1,6 +1,6 @@
-"""Tests of the image networks (spec §6.1, §6.3; oracles §9.26, §9.31, §9.32).
+"""Tests of the image networks (`docs/math.md` §6.1, §6.3; oracles §9.26, §9.31, §9.32).
 
-Oracles are independent numpy float64 re-derivations of the spec formulas (sinusoids, 2-D positions,
+Oracles are independent numpy float64 re-derivations of the docs/math.md formulas (sinusoids, 2-D positions,
 a full GM-DiT forward pass with explicit patch/unpatchify index loops, the SpectrumMLP with explicit
 FFT-crop index selection), closed-form parameter counts, and gradient checks.
 """

@@ -1,4 +1,4 @@
-"""NLL evaluation (spec §5.10, paper Eq. 19/21) against closed-form entropies."""
+"""NLL evaluation (`docs/math.md` §5.10, paper Eq. 19/21) against closed-form entropies."""
 
 import math
 

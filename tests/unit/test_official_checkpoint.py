@@ -1,153 +1,35 @@
-"""Tests of the official GM-DiT checkpoint import (gmflow_jax.official, tools/convert_official_checkpoint.py).
+"""Tests of the official GM-DiT checkpoint import (gmflow_jax.interop, tools/convert_official_checkpoint.py).
 
-The official key names and shapes come from `_official_transformer_layout` / `_official_spectrum_layout`,
-a plain description of the diffusers layout (official-checkpoint-keys.md) written independently of the
-converter's table. The oracle is a float64 NumPy forward pass of the official networks, channel-first
-like the reference, reading the official-key dict directly (spec §6.1, §6.3).
+The official key names and shapes come from `official_transformer_layout` / `official_spectrum_layout`
+(tests/helpers/official_layout.py), a plain description of the diffusers layout
+(`docs/official-checkpoint.md`) written independently of the converter's table. The oracle is a float64 NumPy forward pass of the official networks, channel-first
+like the reference, reading the official-key dict directly (`docs/math.md` §6.1, §6.3).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from safetensors.numpy import save_file
+from helpers.official_layout import (
+    TINY_DIT_CONFIG,
+    TINY_SPECTRUM_CONFIG,
+    XL_DIT_CONFIG,
+    XL_SPECTRUM_CONFIG,
+    load_convert_cli,
+    official_spectrum_layout,
+    official_transformer_layout,
+    random_state_dict,
+    write_official_folder,
+)
 
-from gmflow_jax import official
-
-TINY_DIT_CONFIG = {
-    "_class_name": "_GMDiTTransformer2DModel",
-    "_diffusers_version": "0.32.2",
-    "num_gaussians": 2,
-    "constant_logstd": None,
-    "logstd_inner_dim": 32,
-    "gm_num_logstd_layers": 2,
-    "class_dropout_prob": 0.0,
-    "num_attention_heads": 2,
-    "attention_head_dim": 32,
-    "in_channels": 4,
-    "out_channels": None,
-    "num_layers": 2,
-    "dropout": 0.0,
-    "norm_num_groups": 32,
-    "attention_bias": True,
-    "sample_size": 8,
-    "patch_size": 2,
-    "activation_fn": "gelu-approximate",
-    "num_embeds_ada_norm": 12,
-    "upcast_attention": False,
-    "norm_type": "ada_norm_zero",
-    "norm_elementwise_affine": False,
-    "norm_eps": 1e-5,
-}
-
-TINY_SPECTRUM_CONFIG = {"_class_name": "_SpectrumMLP", "base_size": [4, 8, 8], "layers": [16, 8]}
-
-# The official ImageNet checkpoint's configs (official-checkpoint-keys.md).
-XL_DIT_CONFIG = {
-    **TINY_DIT_CONFIG,
-    "num_gaussians": 8,
-    "logstd_inner_dim": 1024,
-    "num_attention_heads": 16,
-    "attention_head_dim": 72,
-    "num_layers": 28,
-    "sample_size": 32,
-    "num_embeds_ada_norm": 1000,
-}
-XL_SPECTRUM_CONFIG = {"base_size": [4, 32, 32], "layers": [64, 8]}
-
-
-# ----------------------------------------------------------------------------------------------
-# The official layout, from a plain description
-# ----------------------------------------------------------------------------------------------
-
-
-def _official_transformer_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every key of the official `transformer/` state dict -> torch shape (Linear: (out, in))."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    c, p, k = cfg["in_channels"], cfg["patch_size"], cfg["num_gaussians"]
-    shapes = {}
-
-    def linear(name, n_in, n_out):
-        shapes[f"{name}.weight"] = (n_out, n_in)
-        shapes[f"{name}.bias"] = (n_out,)
-
-    shapes["pos_embed.proj.weight"] = (d, c, p, p)
-    shapes["pos_embed.proj.bias"] = (d,)
-    linear("emb.timestep_embedder.linear_1", 256, d)
-    linear("emb.timestep_embedder.linear_2", d, d)
-    shapes["emb.class_embedder.embedding_table.weight"] = (cfg["num_embeds_ada_norm"] + 1, d)
-    for i in range(cfg["num_layers"]):
-        b = f"transformer_blocks.{i}"
-        linear(f"{b}.norm1.linear", d, 6 * d)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            linear(f"{b}.attn1.{proj}", d, d)
-        linear(f"{b}.ff.net.0.proj", d, 4 * d)
-        linear(f"{b}.ff.net.2", 4 * d, d)
-    linear("proj_out_1", d, 2 * d)
-    linear("proj_out_2", d, p * p * k * (c + 1))
-    linear("gm_out.logstd_layers.1", d, cfg["logstd_inner_dim"])
-    linear("gm_out.logstd_layers.3", cfg["logstd_inner_dim"], 1)
-    return shapes
-
-
-def _official_spectrum_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every key of the official `spectrum_net/` state dict -> torch shape."""
-    n1, n2 = cfg["layers"]
-    out = math.prod(cfg["base_size"])
-    return {
-        "mlp.0.weight": (n1, 2),
-        "mlp.0.bias": (n1,),
-        "mlp.2.weight": (n2, n1),
-        "mlp.2.bias": (n2,),
-        "mlp.4.weight": (out, n2),
-        "mlp.4.bias": (out,),
-    }
-
-
-def _random_state_dict(shapes: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random float32 weights, every one nonzero: fan-in scaled matrices, O(0.1) biases."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in shapes.items():
-        if key.endswith(".bias"):
-            value = 0.1 * rng.standard_normal(shape)
-        elif key.endswith("embedding_table.weight"):
-            value = 0.5 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-        sd[key] = value.astype(np.float32)
-    return sd
-
-
-def _write_official(root: pathlib.Path, dit_sd: dict, spec_sd: dict | None, variant=None) -> None:
-    """A diffusers-style pipeline folder: transformer/ and spectrum_net/ (config + safetensors)."""
-    name = "diffusion_pytorch_model" + (f".{variant}" if variant else "") + ".safetensors"
-    parts = [("transformer", TINY_DIT_CONFIG, dit_sd)]
-    if spec_sd is not None:
-        parts.append(("spectrum_net", TINY_SPECTRUM_CONFIG, spec_sd))
-    for folder, cfg, sd in parts:
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        (root / folder / "config.json").write_text(json.dumps(cfg))
-        save_file(sd, str(root / folder / name))
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "GMDiTPipeline"}))
-
-
-def _load_cli():
-    """Import tools/convert_official_checkpoint.py as a module."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert_official_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from gmflow_jax.interop import converted_folder, key_table, official_config
+from gmflow_jax.models.builder import spectrum_from_params
 
 # ----------------------------------------------------------------------------------------------
 # NumPy float64 oracle (channel-first, official keys)
@@ -309,8 +191,8 @@ def _assert_matches_oracle(model, oracle: _OfficialGMDiT, seed: int = 0) -> None
 @pytest.fixture(scope="module")
 def tiny():
     """Random official-layout transformer and spectrum state dicts and their oracle."""
-    dit_sd = _random_state_dict(_official_transformer_layout(TINY_DIT_CONFIG), seed=1)
-    spec_sd = _random_state_dict(_official_spectrum_layout(TINY_SPECTRUM_CONFIG), seed=2)
+    dit_sd = random_state_dict(official_transformer_layout(TINY_DIT_CONFIG), seed=1)
+    spec_sd = random_state_dict(official_spectrum_layout(TINY_SPECTRUM_CONFIG), seed=2)
     return {"dit": dit_sd, "spec": spec_sd, "oracle": _OfficialGMDiT(dit_sd, TINY_DIT_CONFIG)}
 
 
@@ -322,18 +204,18 @@ def tiny():
 @pytest.mark.parametrize("scan_blocks", [False, True], ids=["list", "scan"])
 def test_cli_converted_forward_matches_numpy_oracle(tmp_path, tiny, scan_blocks):
     """tools/convert_official_checkpoint.py output, loaded in either block layout, equals the oracle."""
-    _write_official(tmp_path / "official", tiny["dit"], tiny["spec"])
+    write_official_folder(tmp_path / "official", tiny["dit"], tiny["spec"])
     argv = ["--src", str(tmp_path / "official"), "--out_dir", str(tmp_path / "out")]
-    assert _load_cli().main(argv + (["--scan_blocks"] if scan_blocks else [])) == 0
-    manifest = json.loads((tmp_path / "out" / official.MANIFEST_NAME).read_text())
+    assert load_convert_cli().main(argv + (["--scan_blocks"] if scan_blocks else [])) == 0
+    manifest = json.loads((tmp_path / "out" / converted_folder.MANIFEST_NAME).read_text())
     assert manifest["block_layout"] == ("scan" if scan_blocks else "list")
     assert manifest["components"] == ["transformer", "spectrum_net"]
-    models = official.load_official(str(tmp_path / "out"))
+    models = converted_folder.load_official(str(tmp_path / "out"))
     assert models.transformer.config.scan_blocks == scan_blocks
     assert models.vae is None
     _assert_matches_oracle(models.transformer, tiny["oracle"])
     # The other layout, restacked at load time, is the same network.
-    other = official.load_official(str(tmp_path / "out"), scan_blocks=not scan_blocks)
+    other = converted_folder.load_official(str(tmp_path / "out"), scan_blocks=not scan_blocks)
     assert other.transformer.config.scan_blocks == (not scan_blocks)
     _assert_matches_oracle(other.transformer, tiny["oracle"], seed=1)
 
@@ -342,8 +224,10 @@ def test_raw_bf16_variant_converts_exactly_and_matches_oracle(tmp_path, tiny):
     """A bf16-only official folder loads (falling back from fp32) with the exact bf16 values."""
     dit_bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tiny["dit"].items()}
     spec_bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tiny["spec"].items()}
-    _write_official(tmp_path, dit_bf16, spec_bf16, variant="bf16")
-    models = official.load_official(str(tmp_path), scan_blocks=True)  # no fp32 file: bf16 fallback
+    write_official_folder(tmp_path, dit_bf16, spec_bf16, variant="bf16")
+    models = converted_folder.load_official(
+        str(tmp_path), scan_blocks=True
+    )  # no fp32 file: bf16 fallback
     rounded = {k: v.astype(np.float32) for k, v in dit_bf16.items()}
     assert not np.array_equal(rounded["proj_out_2.weight"], tiny["dit"]["proj_out_2.weight"])
     _assert_matches_oracle(models.transformer, _OfficialGMDiT(rounded, TINY_DIT_CONFIG))
@@ -355,8 +239,8 @@ def test_raw_bf16_variant_converts_exactly_and_matches_oracle(tmp_path, tiny):
 @pytest.mark.parametrize("size", [8, 6, 5], ids=["base", "crop_even", "crop_odd"])
 def test_spectrum_net_matches_numpy_oracle(tiny, size):
     """Converted SpectrumMLP psi equals the reference forward, incl. the frequency crop (§6.3)."""
-    params = official.convert_spectrum_state_dict(tiny["spec"], (4, 8, 8), (16, 8))
-    net = official.spectrum_from_params((4, 8, 8), (16, 8), params)
+    params = key_table.convert_spectrum_state_dict(tiny["spec"], (4, 8, 8), (16, 8))
+    net = spectrum_from_params((4, 8, 8), (16, 8), params)
     rng = np.random.default_rng(3)
     mean = rng.standard_normal((2, size, size, 4)).astype(np.float32)
     var = np.exp(rng.standard_normal((2, size, size, 1))).astype(np.float32)
@@ -370,42 +254,42 @@ def test_spectrum_net_matches_numpy_oracle(tiny, size):
 
 def test_official_xl_layout_is_what_the_converter_expects():
     """The converter's expected keys/shapes for the XL config equal the published layout and counts."""
-    layout = _official_transformer_layout(XL_DIT_CONFIG)
+    layout = official_transformer_layout(XL_DIT_CONFIG)
     assert sum(math.prod(s) for s in layout.values()) == 676_164_001
-    config = official.gm_dit_config_from_official(XL_DIT_CONFIG)
-    assert official.expected_official_shapes(config) == layout
-    spec_layout = _official_spectrum_layout(XL_SPECTRUM_CONFIG)
+    config = official_config.gm_dit_config_from_official(XL_DIT_CONFIG)
+    assert key_table.expected_official_shapes(config) == layout
+    spec_layout = official_spectrum_layout(XL_SPECTRUM_CONFIG)
     assert sum(math.prod(s) for s in spec_layout.values()) == 37_576
-    spec_sd = _random_state_dict(spec_layout, seed=4)
-    cfg = official.spectrum_config_from_official(XL_SPECTRUM_CONFIG)
-    params = official.convert_spectrum_state_dict(spec_sd, cfg["base_size"], cfg["layers"])
+    spec_sd = random_state_dict(spec_layout, seed=4)
+    cfg = official_config.spectrum_config_from_official(XL_SPECTRUM_CONFIG)
+    params = key_table.convert_spectrum_state_dict(spec_sd, cfg["base_size"], cfg["layers"])
     np.testing.assert_array_equal(params["linear_out.kernel"], spec_sd["mlp.4.weight"].T)
 
 
 def test_fixed_position_buffer_is_checked_not_stored(tiny):
     """A `pos_embed.pos_embed` buffer equal to the sin-cos table is accepted; a wrong one is refused."""
-    config = official.gm_dit_config_from_official(TINY_DIT_CONFIG)
+    config = official_config.gm_dit_config_from_official(TINY_DIT_CONFIG)
     oracle = tiny["oracle"]
     table = oracle.pos_embed(4, 4)[None].astype(np.float32)
-    params = official.convert_transformer_state_dict(
+    params = key_table.convert_transformer_state_dict(
         {**tiny["dit"], "pos_embed.pos_embed": table}, config
     )
     assert not any("pos" in k and "patch" not in k for k in params)
     with pytest.raises(ValueError, match="pos_embed.pos_embed"):
-        official.convert_transformer_state_dict(
+        key_table.convert_transformer_state_dict(
             {**tiny["dit"], "pos_embed.pos_embed": table[:, ::-1]}, config
         )
 
 
 def test_state_dict_problems_are_all_reported(tiny):
     """Missing, unknown and mis-shaped keys are listed by name in one ValueError."""
-    config = official.gm_dit_config_from_official(TINY_DIT_CONFIG)
+    config = official_config.gm_dit_config_from_official(TINY_DIT_CONFIG)
     sd = dict(tiny["dit"])
     del sd["transformer_blocks.1.attn1.to_k.bias"]
     sd["transformer_blocks.2.attn1.to_q.weight"] = sd["transformer_blocks.0.attn1.to_q.weight"]
     sd["proj_out_2.weight"] = sd["proj_out_2.weight"][:-1]
     with pytest.raises(ValueError) as err:
-        official.convert_transformer_state_dict(sd, config)
+        key_table.convert_transformer_state_dict(sd, config)
     msg = str(err.value)
     assert "missing keys" in msg and "transformer_blocks.1.attn1.to_k.bias" in msg
     assert "unmapped keys" in msg and "transformer_blocks.2.attn1.to_q.weight" in msg
@@ -425,14 +309,14 @@ def test_state_dict_problems_are_all_reported(tiny):
 def test_unsupported_official_configs_are_refused(override, match):
     """Options GM-DiT does not implement raise a ValueError naming the option."""
     with pytest.raises(ValueError, match=match):
-        official.gm_dit_config_from_official({**TINY_DIT_CONFIG, **override})
+        official_config.gm_dit_config_from_official({**TINY_DIT_CONFIG, **override})
 
 
 def test_loading_a_folder_that_is_neither_form_fails_clearly(tmp_path):
     """A path without a manifest or transformer/config.json raises FileNotFoundError naming both."""
     with pytest.raises(FileNotFoundError, match="transformer/config.json"):
-        official.load_official(str(tmp_path))
+        converted_folder.load_official(str(tmp_path))
     (tmp_path / "transformer").mkdir()
     (tmp_path / "transformer" / "config.json").write_text(json.dumps(TINY_DIT_CONFIG))
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
-        official.load_official(str(tmp_path))
+        converted_folder.load_official(str(tmp_path))

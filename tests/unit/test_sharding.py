@@ -1,7 +1,7 @@
 """Tests of the mesh, the sharding rules, the shape-first sharded init and the sharded train step.
 
 Runs on the 8 fake CPU devices of conftest. The oracle of the sharded step is the single-device step of
-`train.state.make_train_step` on the same initial state and batches: the two must agree up to the order
+`train.step.make_train_step` under a plain `jax.jit` on the same initial state and batches: the two must agree up to the order
 of floating-point reductions.
 """
 
@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from gmflow_jax.checkpoint import Checkpointer
+from gmflow_jax.models.denoiser import DenoiserFn
 from gmflow_jax.models.gm_dit import GMDiT, GMDiTConfig
 from gmflow_jax.parallel.mesh import MeshConfig, make_mesh, mesh_shape, resolve_mesh_shape
 from gmflow_jax.parallel.sharding import (
@@ -22,12 +23,12 @@ from gmflow_jax.parallel.sharding import (
     global_batch,
     leaf_spec,
     logical_to_mesh_spec,
-    process_batch_rows,
+    process_rows,
 )
 from gmflow_jax.train.ema import EMAConfig
 from gmflow_jax.train.optimizer import OptimizerConfig, make_adamw
-from gmflow_jax.train.sharded import sharded_init, sharded_train_step
-from gmflow_jax.train.state import LossConfig, NNXDenoiser, init_train_state, make_train_step
+from gmflow_jax.train.state import LossConfig, init_train_state
+from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step
 
 MODEL = GMDiTConfig(
     num_layers=1,
@@ -93,7 +94,8 @@ def reference(tx):
     initial = _host(state)
     graphdef = nnx.split(nnx.eval_shape(_model_fn))[0]
     batches = _batches()
-    step = _compile(make_train_step(NNXDenoiser(graphdef), tx, OPT, EMA, LOSS), state, batches[0])
+    step = jax.jit(make_train_step(DenoiserFn(graphdef), tx, OPT, EMA, LOSS), donate_argnums=0)
+    step = _compile(step, state, batches[0])
     losses = []
     for batch in batches:
         state, metrics = step(state, batch)
@@ -106,7 +108,7 @@ def shape_first(tx):
     """(mesh, graphdef, compiled init, shardings, state) of the shape-first init on (data=2,
     fsdp=4)."""
     mesh = make_mesh(SHAPE_FIRST_MESH)
-    graphdef, init, shardings = sharded_init(_model_fn, tx, TRAIN_KEY, mesh)
+    graphdef, init, shardings = init_on_mesh(_model_fn, tx, TRAIN_KEY, mesh)
     compiled = _compile(init)
     return mesh, graphdef, compiled, shardings, compiled()
 
@@ -172,11 +174,11 @@ def test_leaf_spec_drops_non_dividing_axes_and_falls_back_to_the_largest_fsdp_di
         leaf_spec((8,), ("embed",), mesh, (("embed", "model"),))
 
 
-def test_process_batch_rows_of_a_single_process_is_the_whole_batch():
+def test_process_rows_of_a_single_process_is_the_whole_batch():
     mesh = make_mesh({"data": 2, "fsdp": 4})
-    assert process_batch_rows(mesh, 16) == (0, 16)
-    with pytest.raises(ValueError, match="divisible by data \\* fsdp = 8"):
-        process_batch_rows(mesh, 12)
+    np.testing.assert_array_equal(process_rows(mesh, 16), np.arange(16))
+    with pytest.raises(ValueError, match="multiple of data \\* fsdp = 8"):
+        process_rows(mesh, 12)
     batch = global_batch({"x0": np.arange(32.0).reshape(16, 2)}, mesh)
     assert batch["x0"].sharding == batch_sharding(mesh)
     rows = sorted((s.index[0].start, s.index[0].stop) for s in batch["x0"].addressable_shards)
@@ -197,7 +199,7 @@ def test_shape_first_init_never_materializes_the_full_params_on_one_device(shape
     want = [s.spec for s in jax.tree.leaves(shardings)]
     got = [s.spec for s in jax.tree.leaves(compiled.output_shardings)]
     assert got == want
-    abstract = jax.eval_shape(sharded_init(_model_fn, make_adamw(OPT), TRAIN_KEY, mesh)[1])
+    abstract = jax.eval_shape(init_on_mesh(_model_fn, make_adamw(OPT), TRAIN_KEY, mesh)[1])
     total, params = _state_bytes(abstract), _state_bytes(abstract.params)
     stats = compiled.memory_analysis()
     # per device: about 1/fsdp of the state as outputs, and no full copy of the params as scratch
@@ -245,12 +247,12 @@ def test_sharded_step_matches_the_single_device_step(shape, tx, reference, shape
         state = init()  # a fresh state (the fixture's is used by other tests; the step donates)
     else:
         mesh = make_mesh(shape)
-        graphdef, init, shardings = sharded_init(_model_fn, tx, TRAIN_KEY, mesh)
+        graphdef, init, shardings = init_on_mesh(_model_fn, tx, TRAIN_KEY, mesh)
         state = jax.device_put(
             jax.tree.map(jnp.asarray, reference["initial"]), shardings
         )  # skip a compile
-    step = sharded_train_step(
-        NNXDenoiser(graphdef), tx, OPT, EMA, LOSS, None, mesh=mesh, state_shardings=shardings
+    step = jit_train_step(
+        make_train_step(DenoiserFn(graphdef), tx, OPT, EMA, LOSS), mesh, shardings
     )
     batches = [global_batch(batch, mesh) for batch in _batches()]
     step = _compile(step, state, batches[0])
@@ -277,7 +279,7 @@ def test_sharded_step_matches_the_single_device_step(shape, tx, reference, shape
 
 def test_activation_rules_constrain_the_traced_step_and_never_leak(tx):
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    graphdef, init, shardings = sharded_init(_model_fn, tx, TRAIN_KEY, mesh)
+    graphdef, init, shardings = init_on_mesh(_model_fn, tx, TRAIN_KEY, mesh)
     state = jax.eval_shape(init)  # lowering only: nothing is compiled or allocated
     assert state.params["blocks"][0]["mlp_in"]["kernel"].get_value().sharding.spec == P(
         "fsdp", "tensor"
@@ -289,10 +291,8 @@ def test_activation_rules_constrain_the_traced_step_and_never_leak(tx):
     }
     texts = {}
     for name, rules in (("rules", DEFAULT_ACTIVATION_RULES), ("none", None)):
-        step = sharded_train_step(
-            NNXDenoiser(graphdef), tx, OPT, EMA, LOSS, None, mesh=mesh,
-            state_shardings=shardings, activation_rules=rules,
-        )  # fmt: skip
+        pure = make_train_step(DenoiserFn(graphdef), tx, OPT, EMA, LOSS)
+        step = jit_train_step(pure, mesh, shardings, rules)
         texts[name] = step.lower(state, batch).as_text()
     # residual stream (batch over data x fsdp) and the MLP hidden layer (also over tensor)
     assert "sharding_constraint" in texts["rules"]
@@ -312,7 +312,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_fewer(tmp_path, tx, shape_fir
         assert ckpt.save(1, state)
     devices = jax.devices()[:num_devices]
     small = make_mesh({"data": 1, "fsdp": -1}, devices=devices)
-    _, init, shardings = sharded_init(_model_fn, tx, TRAIN_KEY, small)
+    _, init, shardings = init_on_mesh(_model_fn, tx, TRAIN_KEY, small)
     with Checkpointer(tmp_path / "ckpt", save_every=1) as ckpt:
         restored, _ = ckpt.restore(1, jax.eval_shape(init))
     for got, want, sharding in zip(

@@ -1,4 +1,4 @@
-"""Solvers (spec §5) against independent oracles: exact GM posteriors, closed-form Gaussian flows."""
+"""Solvers (`docs/math.md` §5) against independent oracles: exact GM posteriors, closed-form Gaussian flows."""
 
 import chex
 import jax

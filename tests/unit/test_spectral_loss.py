@@ -1,4 +1,4 @@
-"""Spectral loss (spec §4.3): stop-gradient targets, closed-form value and minimizer."""
+"""Spectral loss (`docs/math.md` §4.3): stop-gradient targets, closed-form value and minimizer."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests of the toy 2-D MLP denoiser (spec §6.4; oracles 31, 32)."""
+"""Tests of the toy 2-D MLP denoiser (`docs/math.md` §6.4; oracles 31, 32)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Tests of `gmflow_jax.transport` against independent oracles (spec §2.9-2.11, §5.7, §9.21-25)."""
+"""Tests of `gmflow_jax.transport` against independent oracles (`docs/math.md` §2.9-2.11, §5.7, §9.21-25)."""
 
 from __future__ import annotations
 

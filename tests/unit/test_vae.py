@@ -1,4 +1,4 @@
-"""Tests of the Flax AutoencoderKL and its diffusers converter (gmflow_jax.models.vae, spec §4.8).
+"""Tests of the Flax AutoencoderKL and its diffusers converter (gmflow_jax.models.vae, `docs/math.md` §4.8).
 
 The oracle is a float64 NumPy forward pass (NCHW, torch weight layouts) that reads the diffusers state
 dict directly; the state dict's keys and shapes come from `_diffusers_layout`, a plain description of
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.official_layout import TINY_VAE_CONFIG as TINY_CONFIG
 from safetensors.numpy import save_file
 
 from gmflow_jax.models.vae import (
@@ -32,23 +33,6 @@ from gmflow_jax.models.vae import (
     sd_vae_ft_ema_config,
     vae_from_params,
 )
-
-TINY_CONFIG = {
-    "_class_name": "AutoencoderKL",
-    "_diffusers_version": "0.30.0",
-    "act_fn": "silu",
-    "block_out_channels": [32, 64],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "sample_size": 16,
-    "scaling_factor": 0.18215,
-    "force_upcast": True,
-}
 
 # config.json of stabilityai/sd-vae-ft-ema (diffusers 0.4.2 era: no scaling_factor key).
 SD_VAE_FT_EMA_CONFIG = {
@@ -260,7 +244,7 @@ class _Oracle:
 
 def _load_cli():
     """Import tools/convert_vae.py as a module."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert_vae.py"
+    path = pathlib.Path(__file__).resolve().parents[2] / "tools" / "convert_vae.py"
     spec = importlib.util.spec_from_file_location("convert_vae", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,0 +1,424 @@
+"""Compile a run's programs for a real TPU topology from a CPU host: memory, FLOPs and collectives.
+
+    python -m gmflow_jax.aot --config=configs/imagenet256.py --topology=v5p:2x4x4
+    python -m gmflow_jax.aot --config=configs/imagenet256.py --topology=v5e:4x4 \
+        --config.train.batch_size=256 --sampler_batch_per_chip=125
+
+`jax[tpu]` (libtpu, `requirements-test.txt`) describes the topology's devices with their real process
+indices and physical placement (`jax.experimental.topologies.get_topology_desc`), and
+`jax.jit(...).lower(...).compile()` runs the real TPU compiler on abstract inputs
+(`jax.ShapeDtypeStruct` with shardings), without a TPU. The programs are the ones a run executes:
+
+* the train step: the config's mesh (`parallel.mesh.make_mesh` on the topology's devices), the
+  shape-first state shardings and `train.step.jit_train_step(make_train_step(...))`, global batch
+  `config.train.batch_size`;
+* the sampler: the sampling driver's chunk program (`sampling.driver`) for the config's first
+  evaluation row and NFE, parameters replicated, `--sampler_batch_per_chip` images per chip (default
+  `config.sample.batch_size` spread over the chips, rounded up).
+
+For each it prints, per chip: arguments, outputs, aliased (donated) bytes, temporaries, peak memory
+against the chip's HBM (`HBM_GIB`), FLOPs (XLA's cost analysis of the partitioned program), and the
+collectives by kind with their count and bytes (result sizes per chip, parsed from the compiled HLO),
+in the whole program and inside loop bodies (the layer scan, the sampler's scan). It exits with
+status 1, naming the program and figures, when a peak exceeds the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from gmflow_jax import solvers
+from gmflow_jax.models.builder import build_model
+from gmflow_jax.models.denoiser import network_functions
+from gmflow_jax.parallel.mesh import MeshConfig, batch_split, make_mesh, mesh_shape
+from gmflow_jax.parallel.sharding import (
+    DEFAULT_ACTIVATION_RULES,
+    DEFAULT_MIN_FSDP_SIZE,
+    DEFAULT_PARAM_RULES,
+    batch_sharding,
+    check_rules,
+    replicated,
+)
+from gmflow_jax.sampling import driver
+from gmflow_jax.train.optimizer import make_adamw
+from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step, step_settings
+from gmflow_jax.train.task import run_keys
+
+GIB = 2**30
+
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+"""HBM per chip (GiB) of the TPU generations a topology name may start with."""
+
+COLLECTIVES = (
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "ragged-all-to-all",
+    "collective-broadcast",
+)
+"""Collective kinds counted in the compiled HLO (async pairs are counted once, at their -done)."""
+
+_DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
+}  # fmt: skip
+_F8 = re.compile(r"f8e\w+")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e\d+m\d+\w*)?)\[([0-9,]*)\]")
+_OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-done)?\(")
+_START = re.compile(r"^\s*(?:ROOT\s+)?%?\S+\s*=")
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_REF = re.compile(
+    r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}\s]*(?:,\s*%[\w.\-]+)*)"
+)
+
+
+def topology_chip(topology: str) -> str:
+    """The chip generation of a topology name ("v5p:2x4x4" -> "v5p"); ValueError if unknown."""
+    chip = topology.split(":", 1)[0].lower()
+    if chip not in HBM_GIB:
+        raise ValueError(f"--topology={topology!r}: the chip must be one of {sorted(HBM_GIB)}")
+    return chip
+
+
+def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
+    """The devices of TPU `topology` (e.g. "v5p:2x4x4") x `num_slices`, from libtpu, no TPU needed."""
+    topology_chip(topology)
+    from jax.experimental import topologies
+
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(
+        topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices
+    )
+
+
+def _array_bytes(shape_text: str) -> int:
+    """Bytes of every array shape (`bf16[8,4]{...}`) in an HLO result shape (a tuple sums)."""
+    total = 0.0
+    for dtype, dims in _ARRAY.findall(shape_text):
+        size = _DTYPE_BYTES.get(dtype, 1 if _F8.fullmatch(dtype) else None)
+        if size is None:
+            continue
+        total += size * math.prod(int(d) for d in dims.split(",") if d)
+    return int(total)
+
+
+def collectives_of(hlo_text: str) -> dict[str, dict[str, dict[str, int]]]:
+    """{"total" | "in_loops": {kind: {"count", "bytes"}}} of a compiled (per-device) HLO module.
+
+    "in_loops" counts the collectives of computations reachable from a while body (the layer scan,
+    the sampler's step scan); bytes are result sizes per device.
+    """
+    computations: dict[str, list[str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and not _START.match(line):
+            current = header.group(1)
+            computations[current] = []
+        elif current is not None:
+            computations[current].append(line)
+    edges: dict[str, set[str]] = {}
+    bodies: set[str] = set()
+    for name, lines in computations.items():
+        refs = set()
+        for line in lines:
+            for group in _REF.findall(line):
+                refs.update(r.strip().lstrip("%") for r in group.split(",") if r.strip())
+            for body in re.findall(r"body=%?([\w.\-]+)", line):
+                bodies.add(body)
+        edges[name] = {r for r in refs if r in computations}
+    in_loops: set[str] = set()
+    stack = list(bodies)
+    while stack:
+        name = stack.pop()
+        if name in in_loops:
+            continue
+        in_loops.add(name)
+        stack.extend(edges.get(name, ()))
+    out: dict[str, dict[str, dict[str, int]]] = {"total": {}, "in_loops": {}}
+    for name, lines in computations.items():
+        for line in lines:
+            op = _OP.search(line)
+            if op is None or not _START.match(line):
+                continue
+            size = _array_bytes(line[line.index("=") + 1 : op.start()])
+            scopes = ("total", "in_loops") if name in in_loops else ("total",)
+            for scope in scopes:
+                entry = out[scope].setdefault(op.group(1), {"count": 0, "bytes": 0})
+                entry["count"] += 1
+                entry["bytes"] += size
+    return out
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    """Per-chip figures of one compiled program."""
+
+    name: str
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    peak_bytes: int
+    flops: float
+    collectives: dict[str, dict[str, dict[str, int]]]
+    details: dict[str, Any]
+
+
+def report_of(name: str, compiled: Any, details: dict[str, Any]) -> ProgramReport:
+    """The `ProgramReport` of a compiled program (memory analysis, cost analysis, HLO text)."""
+    mem = compiled.memory_analysis()
+    peak = getattr(mem, "peak_memory_in_bytes", 0) or 0
+    live = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    # Why the max: XLA's peak covers the buffer-assignment peak; arguments + outputs - aliases +
+    # temporaries is the upper bound MaxText reports; report the larger, never underestimate.
+    peak = max(int(peak), int(live + mem.temp_size_in_bytes))
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return ProgramReport(
+        name=name,
+        argument_bytes=int(mem.argument_size_in_bytes),
+        output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes),
+        temp_bytes=int(mem.temp_size_in_bytes),
+        code_bytes=int(mem.generated_code_size_in_bytes),
+        peak_bytes=peak,
+        flops=float((cost or {}).get("flops", float("nan"))),
+        collectives=collectives_of(compiled.as_text()),
+        details=details,
+    )
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs of `tree` carrying `shardings` (same structure)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def _rules(config: ml_collections.ConfigDict, mesh: Any) -> tuple[Any, Any, int]:
+    """(parameter rules, activation rules, min fsdp size) of `config.mesh` on `mesh`."""
+    mesh_cfg = config.get("mesh") or {}
+    rules = check_rules(tuple(mesh_cfg.get("rules", DEFAULT_PARAM_RULES)), mesh)
+    act = check_rules(tuple(mesh_cfg.get("activation_rules", DEFAULT_ACTIVATION_RULES)), mesh)
+    return rules, act, int(mesh_cfg.get("min_fsdp_size", DEFAULT_MIN_FSDP_SIZE))
+
+
+def _latent_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """[H, W, C] of one training example of an image config."""
+    m = config.model
+    return (int(m.sample_size), int(m.sample_size), int(m.in_channels))
+
+
+def compile_train_step(config: ml_collections.ConfigDict, mesh: Any) -> ProgramReport:
+    """Compile the run's train step on `mesh` for abstract state and batch; its report."""
+    batch_size = int(config.train.batch_size)
+    split = batch_split(mesh)
+    if batch_size % split:
+        raise ValueError(
+            f"config.train.batch_size={batch_size} must be a multiple of data * fsdp = {split}"
+        )
+    rules, act_rules, min_fsdp = _rules(config, mesh)
+    keys = run_keys(int(config.seed))
+    opt_cfg, ema_cfg, loss_cfg = step_settings(config)
+    tx = make_adamw(opt_cfg)
+
+    def model_fn() -> nnx.Module:
+        return build_model(config.model, keys["init"])
+
+    _, init, shardings = init_on_mesh(model_fn, tx, keys["train"], mesh, rules, min_fsdp)
+    state = _abstract(jax.eval_shape(init), shardings)
+    denoiser, spectrum = network_functions(nnx.eval_shape(model_fn))
+    bsh = batch_sharding(mesh)
+    batch = {
+        "x0": jax.ShapeDtypeStruct((batch_size, *_latent_shape(config)), np.float32, sharding=bsh)
+    }
+    if int(config.model.get("num_classes", 0) or 0) > 0:
+        batch["labels"] = jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=bsh)
+    step = jit_train_step(
+        make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum),
+        mesh,
+        shardings,
+        act_rules,
+    )
+    compiled = step.lower(state, batch).compile()
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
+    return report_of(
+        "train_step",
+        compiled,
+        {"global_batch": batch_size, "per_chip": batch_size // split, "params": num_params},
+    )
+
+
+def sampler_config(config: ml_collections.ConfigDict, has_spectrum: bool) -> solvers.SolverConfig:
+    """The `SolverConfig` of the config's first evaluation row, NFE and guidance scale."""
+    s, model = config.sample, config.model
+    mean_only = bool(model.get("mean_only", False))
+    row = (s.baseline_solvers if mean_only else s.gm_solvers)[0]
+    nfe = (s.baseline_nfes if mean_only else s.gm_nfes)[0]
+    w = (s.cfg_scales if mean_only else s.guidance_scales)[0]
+    return solvers.row_solver_config(
+        row,
+        int(nfe),
+        float(w),
+        null_label=int(model.get("num_classes", -1)),
+        substeps_total=int(s.get("gm_ode_substeps_total", 128)),
+        shift=float(s.get("shift", 1.0)),
+        orthogonal_guidance=float(s.get("orthogonal_guidance", 1.0)),
+        has_spectrum=has_spectrum,
+    )
+
+
+def compile_sampler(
+    config: ml_collections.ConfigDict, mesh: Any, batch_per_chip: int
+) -> ProgramReport:
+    """Compile the sampling driver's chunk program (`batch_per_chip` images per chip, parameters
+    replicated, one solver key per chunk) on `mesh`; its report."""
+    keys = run_keys(int(config.seed))
+    model = nnx.eval_shape(lambda: build_model(config.model, keys["init"]))
+    denoiser, spectrum = network_functions(model)
+    params = nnx.state(model, nnx.Param)
+    cfg = sampler_config(config, spectrum is not None)
+    rep, bsh = replicated(mesh), batch_sharding(mesh)
+    size = batch_per_chip * batch_split(mesh)
+    abstract_params = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), params
+    )
+    noise = jax.ShapeDtypeStruct((size, *_latent_shape(config)), np.float32, sharding=bsh)
+    labels = None
+    if int(config.model.get("num_classes", 0) or 0) > 0:
+        labels = jax.ShapeDtypeStruct((size,), np.int32, sharding=bsh)
+    key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)
+    scale = jax.ShapeDtypeStruct((), np.float32, sharding=rep) if cfg.guided else None
+    spec = driver._Program(denoiser, spectrum if cfg.spectral else None, cfg, mesh, False)
+    compiled = driver._jitted(()).lower(spec, abstract_params, noise, labels, key, scale).compile()
+    return report_of(
+        "sampler",
+        compiled,
+        {"per_chip": batch_per_chip, "chunk": size, "solver": cfg.solver, "nfe": cfg.num_steps},
+    )
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def format_report(report: ProgramReport, hbm_bytes: int) -> str:
+    """Human-readable lines of one program's report."""
+    lines = [
+        f"== {report.name} ({', '.join(f'{k}={v}' for k, v in report.details.items())})",
+        f"  per chip: arguments {_gib(report.argument_bytes)}, outputs {_gib(report.output_bytes)}"
+        f" (aliased {_gib(report.alias_bytes)}), temporaries {_gib(report.temp_bytes)}, "
+        f"code {_gib(report.code_bytes)}",
+        f"  peak {_gib(report.peak_bytes)} of {_gib(hbm_bytes)} HBM "
+        f"({100 * report.peak_bytes / hbm_bytes:.1f}%)",
+        f"  FLOPs per chip: {report.flops:.4g}",
+    ]
+    for scope in ("total", "in_loops"):
+        found = report.collectives[scope]
+        text = ", ".join(
+            f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in sorted(found.items())
+        )
+        lines.append(f"  collectives {scope.replace('_', ' ')}: {text or 'none'}")
+    return "\n".join(lines)
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    topology: str,
+    *,
+    num_slices: int = 1,
+    sampler_batch_per_chip: int | None = None,
+    programs: Sequence[str] = ("train_step", "sampler"),
+    out: Any = sys.stdout,
+) -> tuple[list[ProgramReport], list[str]]:
+    """Compile `programs` of `config` for `topology`; print their reports; return (reports,
+    over-budget messages)."""
+    unknown = [p for p in programs if p not in ("train_step", "sampler")]
+    if unknown:
+        raise ValueError(f"programs must be train_step and/or sampler, got {unknown}")
+    chip = topology_chip(topology)
+    hbm = HBM_GIB[chip] * GIB
+    devices = topology_devices(topology, num_slices)
+    mesh = make_mesh(config.get("mesh") or MeshConfig(), devices=devices)
+    hosts = len({d.process_index for d in devices})
+    print(
+        f"{topology} x{num_slices}: {len(devices)} chips, {hosts} hosts, mesh {dict(mesh_shape(mesh))}",
+        file=out,
+    )
+    reports = []
+    if "train_step" in programs:
+        reports.append(compile_train_step(config, mesh))
+    if "sampler" in programs:
+        per_chip = sampler_batch_per_chip or -(-int(config.sample.batch_size) // batch_split(mesh))
+        reports.append(compile_sampler(config, mesh, per_chip))
+    over = []
+    for report in reports:
+        print(format_report(report, hbm), file=out)
+        if report.peak_bytes > hbm:
+            over.append(
+                f"{report.name}: peak {_gib(report.peak_bytes)} per chip exceeds the "
+                f"{_gib(hbm)} HBM of a {chip} chip"
+            )
+    return reports, over
+
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'."
+)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, v6e:4x4.")
+_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
+_SAMPLER_BATCH = flags.DEFINE_integer(
+    "sampler_batch_per_chip",
+    None,
+    "Images per chip of the sampler (default: config.sample.batch_size spread).",
+)
+_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "sampler"], "Programs to compile.")
+
+
+def main(argv: Sequence[str]) -> None:
+    """Compile for `--topology`; exit 1 naming the figure when a peak exceeds the chip's HBM."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        raise app.UsageError("--config and --topology are required")
+    _, over = run(
+        _CONFIG.value,
+        _TOPOLOGY.value,
+        num_slices=_SLICES.value,
+        sampler_batch_per_chip=_SAMPLER_BATCH.value,
+        programs=_PROGRAMS.value,
+    )
+    if over:
+        for line in over:
+            print(f"OUT OF MEMORY: {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _setup_cpu_host() -> None:
+    """Why: the compile needs no accelerator; keep JAX's own computations (keys, shapes) on the CPU
+    and keep libtpu from querying a metadata server this host does not have."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")
+
+
+if __name__ == "__main__":
+    _setup_cpu_host()
+    app.run(main)

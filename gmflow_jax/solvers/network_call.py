@@ -1,0 +1,50 @@
+"""The network call inside a sampler scan: params re-bound, float32 outputs, the guided 2B batch.
+
+Both sampler loops (`gm_loop`, `baseline_loop`) call the denoiser through `evaluate_denoiser`: one
+call per outer step, on `[x; x]` with labels `[null; labels]` when guidance is active (docs/math.md
+§5.2 step 2.1, §5.9).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gmflow_jax.solvers.config import SolverConfig
+
+
+def as_f32(tree):
+    """Every leaf of `tree` as float32 (GM math and solver updates run in float32)."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), tree)
+
+
+def lift_params(params):
+    """Re-bind closed-over params inside the current trace (a no-op for XLA).
+
+    The network runs inside `lax.scan` bodies and `jax.eval_shape`; NNX's own `nnx.scan` over stacked
+    blocks refuses variables holding tracers of an outer trace, so the params enter each inner trace
+    through one element-wise op.
+    """
+    return jax.tree_util.tree_map(
+        lambda a: a + jnp.zeros((), a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, params
+    )
+
+
+def evaluate_denoiser(denoiser, params, x, t, labels, cfg: SolverConfig):
+    """Network call at scalar time t; returns (cond output, uncond output or None), float32."""
+    params = lift_params(params)
+    batch = x.shape[0]
+    t_batch = jnp.full((batch,), t, jnp.float32)
+    if not cfg.guided:
+        return as_f32(denoiser(params, x, t_batch, labels)), None
+    null = jnp.full((batch,), cfg.null_label, labels.dtype)
+    out = denoiser(
+        params,
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t_batch, t_batch]),
+        jnp.concatenate([null, labels]),
+    )
+    out = as_f32(out)
+    uncond = jax.tree_util.tree_map(lambda a: a[:batch], out)
+    cond = jax.tree_util.tree_map(lambda a: a[batch:], out)
+    return cond, uncond
