@@ -53,6 +53,7 @@ from matplotlib.patches import Rectangle
 
 from gmflow_jax import tasks
 from gmflow_jax.atomic_file import write_atomic, write_json_atomic
+from gmflow_jax.data.checkerboard import BOARD_HALF_WIDTH, CELL_SIZE, WHITE_CELLS
 from gmflow_jax.eval.figures import histogram_image
 from gmflow_jax.eval.guidance_checkerboard import (
     exact_floor,
@@ -60,9 +61,15 @@ from gmflow_jax.eval.guidance_checkerboard import (
     frontier_tv_at,
     pareto_frontier,
 )
+from gmflow_jax.eval.guidance_checkerboard_sweep import (
+    class_labels,
+    guidance_settings,
+    guidance_streams,
+    method_name,
+    score_settings,
+)
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.sampling.driver import SamplingDriver
-from gmflow_jax.tasks.checkerboard_classes import class_labels, run_sweep, sweep_settings
 from gmflow_jax.train.loop import train
 from gmflow_jax.train.task import run_keys
 
@@ -79,6 +86,10 @@ COMPARE_NFES = (4, 8)
 
 NUM_LEVELS = 9
 """Levels of the equal-TV / equal-precision comparisons (evenly spaced over the common range)."""
+
+DEFAULT_STEPS = 4000
+"""Training steps of each model (batch 512): the 20-minute budget of the whole benchmark on an idle
+2-core machine (2 x 4000 steps at ~20 it/s, then the sweep)."""
 
 PANEL_EXTENT = 5.0
 """Half-width of the sample-histogram panels (the board is 4: room to see over-shoot)."""
@@ -292,7 +303,8 @@ def write_figure(
                     origin="lower",
                     extent=(-PANEL_EXTENT, PANEL_EXTENT, -PANEL_EXTENT, PANEL_EXTENT),
                 )
-                ax_s.add_patch(_board_outline())
+                for patch in _cell_outlines():
+                    ax_s.add_patch(patch)
                 ax_s.set_title(f"w={w:g}", fontsize=7, pad=2)
             if c == 0:
                 ax_s.set_ylabel(method, fontsize=7)
@@ -304,9 +316,18 @@ def write_figure(
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), ".png")
 
 
-def _board_outline() -> Rectangle:
-    """The data's bounding box [-4, 4]^2 as a dashed outline."""
-    return Rectangle((-4, -4), 8, 8, fill=False, edgecolor="white", lw=0.6, ls="--")
+def _cell_outlines() -> list[Rectangle]:
+    """The 8 white cells (thin) and the data's bounding box [-4, 4]^2 (dashed) as outlines."""
+    cells = [
+        Rectangle((x, y), CELL_SIZE, CELL_SIZE, fill=False, edgecolor="white", lw=0.3, alpha=0.6)
+        for x, y in WHITE_CELLS * CELL_SIZE - BOARD_HALF_WIDTH
+    ]
+    box = 2 * BOARD_HALF_WIDTH
+    edge = -BOARD_HALF_WIDTH
+    return [
+        *cells,
+        Rectangle((edge, edge), box, box, fill=False, edgecolor="white", lw=0.6, ls="--"),
+    ]
 
 
 def main(argv: list[str]) -> None:
@@ -316,7 +337,12 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--gm_workdir", default=None, help="GMFlow run dir (default WORKDIR/gmflow)")
     ap.add_argument("--baseline_workdir", default=None, help="default WORKDIR/baseline")
     ap.add_argument("--size", default="small", choices=("small", "tiny", "full"))
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default: config's)")
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help="training steps of each model (0: the config's own, 6000 for small)",
+    )
     ap.add_argument("--per_class", type=int, default=500, help="samples per class and setting")
     ap.add_argument("--nfes", default="4,8,32")
     ap.add_argument("--gm_cfg", default="gm_sde_2", help="GM rows also run with CFG ('' = none)")
@@ -331,23 +357,21 @@ def main(argv: list[str]) -> None:
             stored = json.load(f)
     done = {r["key"]: r for r in stored.get("results", [])}
     nfes = tuple(int(n) for n in args.nfes.split(","))
+    sweep_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 16)
 
     payload: dict[str, Any] = {"args": vars(args), "train": {}, "results": list(done.values())}
     samples: dict[tuple[str, int], tuple[np.ndarray, float]] = {}
-    best_prec: dict[tuple[str, int], float] = {}
+    drawn: dict[str, np.ndarray] = {}  # samples of every setting drawn by this invocation
 
     def save(result: dict[str, Any], x: np.ndarray) -> None:
         payload["results"].append(result)
         write_json_atomic(results_path, payload)
-        k = (result["method"], result["nfe"])
-        if result["metrics"]["precision"] > best_prec.get(k, -1.0):
-            best_prec[k] = result["metrics"]["precision"]
-            samples[k] = (x, result["w"])
+        drawn[result["key"]] = x
 
     for variant, sub in (("classes", args.gm_workdir), ("classes_baseline", args.baseline_workdir)):
         config = load_config(f"{args.size}_{variant}")
         config.seed = args.seed
-        if args.steps is not None:
+        if args.steps:
             config.train.num_steps = args.steps
         config.sample.guidance_nfes = nfes
         config.sample.gm_cfg_rows = tuple(r for r in args.gm_cfg.split(",") if r)
@@ -355,15 +379,39 @@ def main(argv: list[str]) -> None:
             args.workdir, "baseline" if "baseline" in variant else "gmflow"
         )
         graphdef, params, info = train_or_reuse(config, workdir)
+        if info.get("preempted"):
+            print(f"{variant}: training was stopped (preempted); rerun to resume", flush=True)
+            sys.exit(1)
         payload["train"][variant] = {k: v for k, v in info.items() if k != "sessions"}
         print(
             f"{variant}: trained in {info.get('train_wall_time_s', float('nan')):.1f} s", flush=True
         )
         denoiser, _ = network_functions(nnx.merge(graphdef, params))
         driver = SamplingDriver(denoiser, params)
-        settings = sweep_settings(config, bool(config.model.mean_only))
-        sweep_key = jax.random.fold_in(jax.random.PRNGKey(args.seed), 16)
-        run_sweep(driver, config, settings, sweep_key, args.per_class, done=done, on_result=save)
+        settings = guidance_settings(config, bool(config.model.mean_only))
+        todo = [
+            s
+            for s in settings
+            if f"{method_name(s.row, s.cfg.guidance)}|{s.nfe}|{s.w:g}" not in done
+        ]
+        # The same noise for every setting of both models.
+        streams = guidance_streams(sweep_key, args.per_class, int(config.sample.batch_size))
+        score_settings(driver, todo, streams, args.per_class, on_result=save)
+        # The figure's samples: each method's best-precision setting per NFE; settings scored by
+        # an earlier invocation are drawn again (same noise and key, so the same samples).
+        by_key = {f"{method_name(x.row, x.cfg.guidance)}|{x.nfe}|{x.w:g}": x for x in settings}
+        mine = [r for r in payload["results"] if r["key"] in by_key]
+        for method, nfe in dict.fromkeys((r["method"], r["nfe"]) for r in mine):
+            best = best_precision([r for r in mine if (r["method"], r["nfe"]) == (method, nfe)])
+            if best["key"] not in drawn:
+                score_settings(
+                    driver,
+                    [by_key[best["key"]]],
+                    streams,
+                    args.per_class,
+                    on_result=lambda r, x: drawn.__setitem__(r["key"], x),
+                )
+            samples[(method, nfe)] = (drawn[best["key"]], best["w"])
     results = payload["results"]
     labels = class_labels(args.per_class)
     floor = exact_floor(labels, jax.random.fold_in(jax.random.PRNGKey(args.seed), 17))

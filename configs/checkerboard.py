@@ -65,6 +65,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.logit_normal_std = 1.0  # logit-normal scale (logit_normal sampler only)
     config.train.shift = 1.0  # timestep shift of the training sampler (§1.2)
     config.train.log_every = 500  # steps between host syncs: metrics, finiteness check, TensorBoard
+    config.train.max_consecutive_skips = 100  # skipped (non-finite) steps in a row that stop a run
 
     config.train.optimizer = ml_collections.ConfigDict()
     config.train.optimizer.lr = 2e-4  # AdamW peak learning rate (§4.6)
@@ -83,7 +84,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema.gamma = 7.0  # karras: beta_i = (1 - 1/(i+1))^(gamma+1)
     config.train.ema.ema_kimg = 30000.0  # rampup: half-life cap in kimg
     config.train.ema.ema_rampup = 0.05  # rampup: half-life as a fraction of images seen
-    config.train.ema.batch_size = 4096  # rampup: images per iteration
+    config.train.ema.batch_size = config.train.get_ref("batch_size")  # rampup: images/iteration
     config.train.ema.eps = 1e-8  # rampup: floor of the half-life
     config.train.ema.beta = 0.999  # fixed: the constant beta
 
@@ -108,11 +109,20 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.eval.num_samples = 1_000_000  # samples per (solver, NFE)
     config.eval.metrics_file = "metrics.json"  # written atomically in the workdir
     config.eval.figure_file = "samples.png"  # histogram grid, rows = solver, cols = NFE
+    # Why off: the small main job's time budget; e.g. 1000 adds ~1 s of sampling per evaluation.
+    config.eval.every_steps = 0  # steps between evaluations during training (0 = off)
+    config.eval.periodic_samples = 8192  # points of each evaluation during training
+
+    config.profile = ml_collections.ConfigDict()  # jax.profiler trace into workdir/profile
+    config.profile.skip_steps = 5  # steps of this invocation before the trace (compile, warm-up)
+    config.profile.num_steps = 0  # steps traced; 0 = profiling off
+    config.profile.all_hosts = False  # trace every process (True) or process 0 only
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 20_000  # save interval (and always at the end)
     config.checkpoint.max_to_keep = 3  # newest checkpoints kept
     config.checkpoint.async_save = True  # write checkpoints in the background
+    config.checkpoint.restart = False  # True: move existing checkpoints aside, train from step 0
     config.checkpoint.restore_from = (
         ""  # another run's checkpoint dir to take weights from ("" = none)
     )
@@ -123,7 +133,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train.log_every = 100
         config.train.optimizer.lr = 1e-3
         config.train.optimizer.warmup_iters = 200
-        config.train.ema.batch_size = 512
         config.eval.num_samples = 50_000
         config.checkpoint.every_steps = 1000
     elif size == "tiny":
@@ -135,7 +144,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train.batch_size = 64
         config.train.log_every = 2
         config.train.optimizer.warmup_iters = 2
-        config.train.ema.batch_size = 64
         config.sample.gm_solvers = ("gm_sde", "gm_ode_2")
         config.sample.gm_nfes = (1, 2)
         config.sample.baseline_solvers = ("euler", "dpmpp_2m")
@@ -155,6 +163,7 @@ def _class_conditional(config: ml_collections.ConfigDict, size: str) -> None:
     config.model.num_classes = 8  # label table rows 0..7 plus the null label 8 (§4.4)
     config.train.prob_class = 0.9  # keep a label with this probability, else null (§4.4)
     config.sample.gm_rows = ("gm_sde_2", "gm_ode_2")  # GMFlow rows, probabilistic guidance
+    config.sample.gm_cfg_rows = ()  # GMFlow rows also run with classic CFG (e.g. ("gm_sde_2",))
     config.sample.baseline_solvers = ("euler", "ddpm_small", "dpmpp_2m")  # baseline rows, CFG
     config.sample.guidance_nfes = (4, 8, 32)  # network evaluations of the sweep
     config.sample.guidance_scales = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # probabilistic w
@@ -164,7 +173,7 @@ def _class_conditional(config: ml_collections.ConfigDict, size: str) -> None:
     # cells: it would hide exactly the over-shoot this sweep measures.
     config.sample.orthogonal_guidance = 0.0
     config.sample.batch_size = 8000  # points per jitted sampler call
-    config.eval.per_class = 1000  # samples per class and setting (8000 per setting)
+    config.eval.per_class = 500  # samples per class and setting (4000 per setting)
     config.eval.grid_nfe = 8  # NFE of the sample-grid figure
     if size == "tiny":
         config.sample.gm_rows = ("gm_sde_2",)

@@ -88,6 +88,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.prob_class = 0.9  # keep a label with this probability, else null (§4.4)
     config.train.spectral_loss_weight = 1.0  # w_spec of the spectral loss (§4.3)
     config.train.log_every = 100  # steps between host syncs: metrics, finiteness check, TensorBoard
+    config.train.max_consecutive_skips = 100  # skipped (non-finite) steps in a row that stop a run
 
     config.train.optimizer = ml_collections.ConfigDict()
     config.train.optimizer.lr = 1e-3  # AdamW peak learning rate
@@ -104,9 +105,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema = ml_collections.ConfigDict()
     config.train.ema.policy = "rampup"  # EMA beta policy (§4.7), ImageNet's
     config.train.ema.gamma = 7.0  # karras only (unused)
-    config.train.ema.ema_kimg = 0.0  # rampup: half-life cap in kimg (set below from the run length)
+    config.train.ema.ema_kimg = scaled_ema_kimg(  # rampup: half-life cap in kimg, follows the run
+        config.train.get_ref("num_steps"), config.train.get_ref("batch_size")
+    )
     config.train.ema.ema_rampup = 0.05  # rampup: half-life as a fraction of images seen
-    config.train.ema.batch_size = 128  # rampup: images per iteration (= train.batch_size)
+    config.train.ema.batch_size = config.train.get_ref("batch_size")  # rampup: images/iteration
     config.train.ema.eps = 1e-8  # rampup: floor of the half-life
     config.train.ema.beta = 0.999  # fixed only (unused)
 
@@ -130,11 +133,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.eval.classifier_seed = 0  # seed of the evaluator's classifier
     config.eval.metrics_file = "metrics.json"  # written atomically in the workdir
     config.eval.figure_file = "samples.png"  # PNG grid: a panel per setting, a row per class
+    config.eval.every_steps = 1000  # steps between evaluations during training (0 = off)
+    config.eval.periodic_samples = 200  # images of each evaluation during training (class-major)
+
+    config.profile = ml_collections.ConfigDict()  # jax.profiler trace into workdir/profile
+    config.profile.skip_steps = 5  # steps of this invocation before the trace (compile, warm-up)
+    config.profile.num_steps = 0  # steps traced; 0 = profiling off
+    config.profile.all_hosts = False  # trace every process (True) or process 0 only
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 500  # save interval (and always at the end)
     config.checkpoint.max_to_keep = 2  # newest checkpoints kept
     config.checkpoint.async_save = True  # write checkpoints in the background
+    config.checkpoint.restart = False  # True: move existing checkpoints aside, train from step 0
     config.checkpoint.restore_from = ""  # another run's checkpoint dir to take weights from
 
     if size == "tiny":
@@ -148,7 +159,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train.log_every = 1
         config.train.optimizer.warmup_iters = 2
         config.train.optimizer.clip_begin = 2
-        config.train.ema.batch_size = 16
         config.sample.gm_solvers = ("gm_sde_2",)
         config.sample.gm_nfes = (2,)
         config.sample.guidance_scales = (0.3,)
@@ -160,5 +170,4 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.eval.per_class = 4
         config.eval.grid_per_class = 4
         config.checkpoint.every_steps = 2
-    config.train.ema.ema_kimg = scaled_ema_kimg(config.train.num_steps, config.train.batch_size)
     return config

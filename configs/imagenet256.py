@@ -65,10 +65,16 @@ ACTIVATION_RULES = (
     ("embed", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("cond", "tensor"),
+    ("logstd_mlp", "tensor"),
+    ("modulation", None),
+    ("freq", None),
+    ("head_out", None),
+    ("logstd_out", None),
 )
 """Logical axis -> mesh axis rules of the model's activation constraints: the batch over data x
-fsdp, the residual stream's width replicated (all-gathered from the fsdp-sharded weights), the MLP
-hidden width over tensor."""
+fsdp for every activation (tokens, conditioning, adaLN modulations, head), the residual stream's
+width replicated (all-gathered from the fsdp-sharded weights), the MLP hidden widths over tensor."""
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -99,6 +105,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.model.mean_only = False  # GM head (not the flow-matching baseline)
     config.model.dtype = "bfloat16"  # compute dtype; parameters and all GM math stay float32
     config.model.remat = True  # gradient checkpointing per block (§6.1 "Other")
+    config.model.remat_policy = "full"  # with remat: "full" | "save_linear_inputs" (gm_dit)
     config.model.scan_blocks = True  # stacked blocks under nnx.scan (one compiled block)
 
     config.model.spectrum_net = ml_collections.ConfigDict()
@@ -118,6 +125,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.prob_class = 0.9  # keep a label with this probability, else null (§4.4)
     config.train.spectral_loss_weight = 1.0  # w_spec (§4.3)
     config.train.log_every = 100  # steps between host syncs
+    config.train.max_consecutive_skips = 100  # skipped (non-finite) steps in a row that stop a run
 
     config.train.optimizer = ml_collections.ConfigDict()
     config.train.optimizer.lr = 2e-4  # AdamW learning rate (§4.6)
@@ -136,7 +144,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema.gamma = 7.0  # karras only (unused)
     config.train.ema.ema_kimg = 30000.0  # half-life cap in kimg
     config.train.ema.ema_rampup = 0.05  # half-life as a fraction of images seen
-    config.train.ema.batch_size = 4096  # images per iteration
+    config.train.ema.batch_size = config.train.get_ref("batch_size")  # images per iteration
     config.train.ema.eps = 1e-8  # floor of the half-life
     config.train.ema.beta = 0.999  # fixed only (unused)
 
@@ -158,11 +166,19 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.eval.save_samples = 1000  # latents per setting kept in samples.npz (float16)
     config.eval.metrics_file = "metrics.json"  # written atomically in the workdir
     config.eval.samples_file = "samples.npz"  # saved latents, written atomically
+    config.eval.every_steps = 10_000  # steps between evaluations during training (0 = off)
+    config.eval.periodic_samples = 256  # latents of each evaluation during training
+
+    config.profile = ml_collections.ConfigDict()  # jax.profiler trace into workdir/profile
+    config.profile.skip_steps = 5  # steps of this invocation before the trace (compile, warm-up)
+    config.profile.num_steps = 0  # steps traced; 0 = profiling off
+    config.profile.all_hosts = False  # trace every process (True) or process 0 only
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000  # save interval (and always at the end)
     config.checkpoint.max_to_keep = 1  # newest checkpoints kept
     config.checkpoint.async_save = True  # write checkpoints in the background
+    config.checkpoint.restart = False  # True: move existing checkpoints aside, train from step 0
     config.checkpoint.restore_from = ""  # another run's checkpoint dir to take weights from
 
     config.mesh = ml_collections.ConfigDict()
@@ -196,7 +212,6 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.train.optimizer.warmup_iters = 2
         config.train.optimizer.clip_begin = 0
         config.train.ema.ema_kimg = 1.0
-        config.train.ema.batch_size = 8
         config.sample.gm_solvers = ("gm_sde_2",)
         config.sample.gm_nfes = (2,)
         config.sample.guidance_scales = (0.3,)

@@ -52,15 +52,13 @@ from gmflow_jax.parallel.sharding import (
     check_rules,
     replicated,
 )
+from gmflow_jax.parallel.topology import HBM_GIB, topology_chip, topology_devices
 from gmflow_jax.sampling import driver
 from gmflow_jax.train.optimizer import make_adamw
 from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step, step_settings
 from gmflow_jax.train.task import run_keys
 
 GIB = 2**30
-
-HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
-"""HBM per chip (GiB) of the TPU generations a topology name may start with."""
 
 COLLECTIVES = (
     "all-gather",
@@ -87,25 +85,6 @@ _REF = re.compile(
 )
 
 
-def topology_chip(topology: str) -> str:
-    """The chip generation of a topology name ("v5p:2x4x4" -> "v5p"); ValueError if unknown."""
-    chip = topology.split(":", 1)[0].lower()
-    if chip not in HBM_GIB:
-        raise ValueError(f"--topology={topology!r}: the chip must be one of {sorted(HBM_GIB)}")
-    return chip
-
-
-def topology_devices(topology: str, num_slices: int = 1) -> list[Any]:
-    """The devices of TPU `topology` (e.g. "v5p:2x4x4") x `num_slices`, from libtpu, no TPU needed."""
-    topology_chip(topology)
-    from jax.experimental import topologies
-
-    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
-    return list(
-        topologies.get_topology_desc(topology_name=topology, platform="tpu", **kwargs).devices
-    )
-
-
 def _array_bytes(shape_text: str) -> int:
     """Bytes of every array shape (`bf16[8,4]{...}`) in an HLO result shape (a tuple sums)."""
     total = 0.0
@@ -117,11 +96,25 @@ def _array_bytes(shape_text: str) -> int:
     return int(total)
 
 
-def collectives_of(hlo_text: str) -> dict[str, dict[str, dict[str, int]]]:
-    """{"total" | "in_loops": {kind: {"count", "bytes"}}} of a compiled (per-device) HLO module.
+@dataclasses.dataclass(frozen=True)
+class CollectiveOp:
+    """One collective of a compiled (per-device) HLO module."""
 
-    "in_loops" counts the collectives of computations reachable from a while body (the layer scan,
-    the sampler's step scan); bytes are result sizes per device.
+    kind: str  # one of COLLECTIVES
+    in_loop: bool  # in a computation reachable from a while body (the layer scan, a sampler scan)
+    shape: str  # the result shape text (dtype[dims], or a tuple of them)
+    bytes: int  # result bytes per device
+    op_name: str  # the JAX op that produced it (HLO metadata), "" when absent
+
+
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def collective_ops(hlo_text: str) -> list[CollectiveOp]:
+    """Every collective of a compiled (per-device) HLO module, in text order.
+
+    Async pairs count once, at their -done (whose result is the collective's result); a collective is
+    "in a loop" when its computation is reachable from a while body.
     """
     computations: dict[str, list[str]] = {}
     current = None
@@ -150,18 +143,44 @@ def collectives_of(hlo_text: str) -> dict[str, dict[str, dict[str, int]]]:
             continue
         in_loops.add(name)
         stack.extend(edges.get(name, ()))
-    out: dict[str, dict[str, dict[str, int]]] = {"total": {}, "in_loops": {}}
+    # Why the op name of a -done comes from its -start: XLA puts the metadata on the -start only.
+    start_names = {}
+    for lines in computations.values():
+        for line in lines:
+            if "-start(" in line and _START.match(line):
+                meta = _OP_NAME.search(line)
+                lhs = line.split("=", 1)[0].split()[-1].lstrip("%")
+                start_names[lhs] = meta.group(1) if meta else ""
+    ops = []
     for name, lines in computations.items():
         for line in lines:
             op = _OP.search(line)
             if op is None or not _START.match(line):
                 continue
-            size = _array_bytes(line[line.index("=") + 1 : op.start()])
-            scopes = ("total", "in_loops") if name in in_loops else ("total",)
-            for scope in scopes:
-                entry = out[scope].setdefault(op.group(1), {"count": 0, "bytes": 0})
-                entry["count"] += 1
-                entry["bytes"] += size
+            shape = line[line.index("=") + 1 : op.start()].strip()
+            meta = _OP_NAME.search(line)
+            op_name = meta.group(1) if meta else ""
+            if op.group(2) and not op_name:
+                operand = re.search(r"-done\(%?([\w.\-]+)\)", line)
+                op_name = start_names.get(operand.group(1), "") if operand else ""
+            ops.append(
+                CollectiveOp(op.group(1), name in in_loops, shape, _array_bytes(shape), op_name)
+            )
+    return ops
+
+
+def collectives_of(hlo_text: str) -> dict[str, dict[str, dict[str, int]]]:
+    """{"total" | "in_loops": {kind: {"count", "bytes"}}} of a compiled (per-device) HLO module.
+
+    "in_loops" counts the collectives of computations reachable from a while body (the layer scan,
+    the sampler's step scan); bytes are result sizes per device.
+    """
+    out: dict[str, dict[str, dict[str, int]]] = {"total": {}, "in_loops": {}}
+    for op in collective_ops(hlo_text):
+        for scope in ("total", "in_loops") if op.in_loop else ("total",):
+            entry = out[scope].setdefault(op.kind, {"count": 0, "bytes": 0})
+            entry["count"] += 1
+            entry["bytes"] += op.bytes
     return out
 
 
@@ -179,6 +198,7 @@ class ProgramReport:
     flops: float
     collectives: dict[str, dict[str, dict[str, int]]]
     details: dict[str, Any]
+    ops: list[CollectiveOp] = dataclasses.field(default_factory=list)
 
 
 def report_of(name: str, compiled: Any, details: dict[str, Any]) -> ProgramReport:
@@ -191,6 +211,7 @@ def report_of(name: str, compiled: Any, details: dict[str, Any]) -> ProgramRepor
     peak = max(int(peak), int(live + mem.temp_size_in_bytes))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    hlo = compiled.as_text()
     return ProgramReport(
         name=name,
         argument_bytes=int(mem.argument_size_in_bytes),
@@ -200,8 +221,9 @@ def report_of(name: str, compiled: Any, details: dict[str, Any]) -> ProgramRepor
         code_bytes=int(mem.generated_code_size_in_bytes),
         peak_bytes=peak,
         flops=float((cost or {}).get("flops", float("nan"))),
-        collectives=collectives_of(compiled.as_text()),
+        collectives=collectives_of(hlo),
         details=details,
+        ops=collective_ops(hlo),
     )
 
 
@@ -306,8 +328,10 @@ def compile_sampler(
         labels = jax.ShapeDtypeStruct((size,), np.int32, sharding=bsh)
     key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)
     scale = jax.ShapeDtypeStruct((), np.float32, sharding=rep) if cfg.guided else None
-    spec = driver._Program(denoiser, spectrum if cfg.spectral else None, cfg, mesh, False)
-    compiled = driver._jitted(()).lower(spec, abstract_params, noise, labels, key, scale).compile()
+    lowered = driver.lower_chunk(
+        denoiser, spectrum, cfg, mesh, abstract_params, noise, labels, key, scale
+    )
+    compiled = lowered.compile()
     return report_of(
         "sampler",
         compiled,
@@ -316,11 +340,28 @@ def compile_sampler(
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """`n` bytes in GiB (MiB below 1 GiB)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def format_report(report: ProgramReport, hbm_bytes: int) -> str:
-    """Human-readable lines of one program's report."""
+_LAYOUT = re.compile(r"\{[^{}]*\}")
+
+
+def loop_collective_lines(report: ProgramReport) -> list[str]:
+    """One line per distinct in-loop collective (kind, result shape without layouts, op name),
+    with its count: what a reader checks "only parameter gathers and gradient reductions" on."""
+    groups: dict[tuple[str, str, str], int] = {}
+    for op in report.ops:
+        if op.in_loop:
+            key = (op.kind, _LAYOUT.sub("", op.shape), op.op_name.split(")/", 1)[-1])
+            groups[key] = groups.get(key, 0) + 1
+    return [f"    {kind} {shape} x{n}  [{name}]" for (kind, shape, name), n in groups.items()]
+
+
+def format_report(
+    report: ProgramReport, hbm_bytes: int, list_loop_collectives: bool = False
+) -> str:
+    """Human-readable lines of one program's report (with every in-loop collective if asked)."""
     lines = [
         f"== {report.name} ({', '.join(f'{k}={v}' for k, v in report.details.items())})",
         f"  per chip: arguments {_gib(report.argument_bytes)}, outputs {_gib(report.output_bytes)}"
@@ -336,7 +377,19 @@ def format_report(report: ProgramReport, hbm_bytes: int) -> str:
             f"{k} x{v['count']} ({v['bytes'] / 2**20:.1f} MiB)" for k, v in sorted(found.items())
         )
         lines.append(f"  collectives {scope.replace('_', ' ')}: {text or 'none'}")
+    if list_loop_collectives:
+        lines.extend(loop_collective_lines(report))
     return "\n".join(lines)
+
+
+def over_budget(reports: Sequence[ProgramReport], chip: str) -> list[str]:
+    """One message per program whose peak exceeds the HBM of a `chip` chip, naming the figures."""
+    hbm = HBM_GIB[chip] * GIB
+    return [
+        f"{r.name}: peak {_gib(r.peak_bytes)} per chip exceeds the {_gib(hbm)} HBM of a {chip} chip"
+        for r in reports
+        if r.peak_bytes > hbm
+    ]
 
 
 def run(
@@ -346,6 +399,7 @@ def run(
     num_slices: int = 1,
     sampler_batch_per_chip: int | None = None,
     programs: Sequence[str] = ("train_step", "sampler"),
+    list_loop_collectives: bool = False,
     out: Any = sys.stdout,
 ) -> tuple[list[ProgramReport], list[str]]:
     """Compile `programs` of `config` for `topology`; print their reports; return (reports,
@@ -368,14 +422,9 @@ def run(
     if "sampler" in programs:
         per_chip = sampler_batch_per_chip or -(-int(config.sample.batch_size) // batch_split(mesh))
         reports.append(compile_sampler(config, mesh, per_chip))
-    over = []
     for report in reports:
-        print(format_report(report, hbm), file=out)
-        if report.peak_bytes > hbm:
-            over.append(
-                f"{report.name}: peak {_gib(report.peak_bytes)} per chip exceeds the "
-                f"{_gib(hbm)} HBM of a {chip} chip"
-            )
+        print(format_report(report, hbm, list_loop_collectives), file=out)
+    over = over_budget(reports, chip)
     return reports, over
 
 
@@ -390,6 +439,9 @@ _SAMPLER_BATCH = flags.DEFINE_integer(
     "Images per chip of the sampler (default: config.sample.batch_size spread).",
 )
 _PROGRAMS = flags.DEFINE_list("programs", ["train_step", "sampler"], "Programs to compile.")
+_LIST = flags.DEFINE_bool(
+    "list_loop_collectives", False, "Also print every collective inside a loop, with its shape."
+)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -404,6 +456,7 @@ def main(argv: Sequence[str]) -> None:
         num_slices=_SLICES.value,
         sampler_batch_per_chip=_SAMPLER_BATCH.value,
         programs=_PROGRAMS.value,
+        list_loop_collectives=_LIST.value,
     )
     if over:
         for line in over:
@@ -414,7 +467,6 @@ def main(argv: Sequence[str]) -> None:
 def _setup_cpu_host() -> None:
     """Why: the compile needs no accelerator; keep JAX's own computations (keys, shapes) on the CPU
     and keep libtpu from querying a metadata server this host does not have."""
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     if "JAX_PLATFORMS" not in os.environ:
         jax.config.update("jax_platforms", "cpu")
 

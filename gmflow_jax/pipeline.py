@@ -14,10 +14,11 @@ name                            what it is
 `GMFlowPipeline.from_official`  the official checkpoint (`gmflow_jax.interop`): a folder written
                                 by `tools/convert_official_checkpoint.py`, or the raw diffusers
                                 folder (converted in memory)
-`GMFlowPipeline.from_checkpoint`  EMA parameters of one of our training runs (orbax, the newest
-                                step) with the run's `config.json` (below)
-`GMFlowPipeline.__call__`       labels (ints or ImageNet words) -> uint8 images `[N, H, W, 3]`
-                                when a VAE is loaded, else float32 latents `[N, h, w, C]`
+`GMFlowPipeline.from_checkpoint`  EMA parameters of one of our training runs (orbax; the newest
+                                step, or `step=`) with the run's `config.json` (below)
+`GMFlowPipeline.__call__`       labels (ints or ImageNet words) -> uint8 images `[N, H, W, C]`
+                                (decoded latents, or a pixel model's samples), float32 latents
+                                `[N, h, w, C]` on request, or PIL images on request
 `get_label_ids`                 ImageNet words -> class indices (any comma-separated synonym of
                                 `gmflow_jax/data/imagenet_classes.txt`, case-insensitive)
 ==============================  ==============================================================
@@ -35,23 +36,34 @@ row                        sampler
                            `_nosub` rows take 1
 `gm_sde_2`, `gm_sde`       GM-SDE 2 / GM-SDE: GM-SDE scheduler in sample mode; spectral
                            sampling (§5.7) when a SpectrumMLP is loaded, unless `_nospec`
-`euler`, `ddpm_small`,     baselines on the GM mean (§5.1, §5.9); unguided only here (the
-`ddpm_large`,              pipeline's scale is probabilistic guidance, which needs a GM solver)
+`euler`, `ddpm_small`,     flow-matching baselines on the (GM) mean (§5.1, §5.9), with classic
+`ddpm_large`,              CFG; the only rows of a mean-only (K = 1 `mean_only`) baseline model
 `dpmpp_2m`,
 `dpmpp_2m_sde`
 =========================  ===================================================================
 
-Guidance is probabilistic guidance (§5.3) with scale `w` in [0, 1) (0 disables it); the
-unconditional label is `num_classes` (the null row of the label table). Random streams: with
+Models: a GM-DiT with a GM head (GMFlow) or a mean-only head (the flow-matching baseline), on
+latents (ImageNet: a VAE decodes them) or on pixels (the digits: `pixel_space`, the samples are the
+images). Guidance follows the row (the grammar of `solvers.config`): GM rows take probabilistic
+guidance (§5.3), w in [0, 1), 0 disables it, default 0.45; baseline rows take classic CFG (§5.9),
+w >= 0, active when w > 1, default 1 (unguided). The default row is `gm_ode_2` for a GM model and
+`euler` for a mean-only one. The unconditional label is `num_classes` (the null row of the label
+table).
+
+Outputs (`output_type`): "auto" = uint8 images `[N, H, W, C]` for a pixel model or a latent model
+with a VAE, else latents; "images"; "latents" (float32, a latent model's own samples); "pil" (a
+list of `PIL.Image`s: RGB, or "L" for one channel). Random streams: with
 `key = PRNGKey(seed)` and `noise_key, sample_key = split(key)`, the initial noise is
 `normal(noise_key, [N, h, w, C])` for the whole batch, and chunk j of a `batch_size`-chunked call
 uses `fold_in(sample_key, j)` (one chunk: j = 0; `sampling.streams.batch_streams`); GM-ODE results
 are therefore independent of `batch_size`, GM-SDE results are not.
 
-`from_checkpoint(path)`: `path` is a training workdir holding `checkpoints/` or the checkpoint
-directory itself (numbered orbax steps, item "state" = the `TrainState`). The GM-DiT config is not
-saved by the training loop, so the run's `config.json` is read from the workdir (or the checkpoint
-directory), or passed as `config=` (a dict or a path):
+`from_checkpoint(path, step=None)`: `path` is a training workdir holding `checkpoints/` or the
+checkpoint directory itself (numbered orbax steps, item "state" = the `TrainState`); `step` picks
+one step (default the newest intact one). The model comes from the run's `config.json` in the
+workdir (or the checkpoint directory), else from the resolved run config `run_config.json` that
+every training run writes (its `model` section, e.g. a mean-only baseline's), or from `config=` (a
+dict or a path). `config.json`:
 
 ```json
 {
@@ -68,8 +80,9 @@ adds the SpectrumMLP. The checkpoint's `ema_params` is the state of the `ImageDe
 `gmflow_jax.models.builder.build_model` builds from this config (as training does):
 `{"denoiser": <GM-DiT state>, "spectrum_net": <SpectrumMLP state>}`, or `{"denoiser": <GM-DiT
 state>}` without `spectrum_net`. `vae` (optional) is a VAE folder (converted, or diffusers),
-relative to the config file. The SpectrumMLP computes in float32 whatever the `dtype`
-(`gmflow_jax.models.image_denoiser`).
+relative to the config file and inside its folder (an absolute path, `..` out of it or a symlink
+out of it is refused; pass `vae=` to load a VAE from elsewhere). The SpectrumMLP computes in
+float32 whatever the `dtype` (`gmflow_jax.models.image_denoiser`).
 """
 
 from __future__ import annotations
@@ -77,8 +90,6 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.resources
-import json
-import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
@@ -88,32 +99,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from PIL import Image
 
-from gmflow_jax import solvers
+from gmflow_jax import guidance, solvers
 from gmflow_jax.checkpoint import restore_weights
 from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
-from gmflow_jax.models.builder import abstract_model, model_config_from_pipeline_config
+from gmflow_jax.interop.folder_files import contained_path, read_json
+from gmflow_jax.models.builder import MODEL_NAMES, abstract_model, model_config_from_pipeline_config
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.models.gm_dit import GMDiT
 from gmflow_jax.models.image_denoiser import ImageDenoiser
 from gmflow_jax.models.spectrum_mlp import SpectrumMLP
-from gmflow_jax.models.vae import AutoencoderKL, latents_to_images
+from gmflow_jax.models.vae import AutoencoderKL, latents_to_images, pixels_to_uint8
+from gmflow_jax.run_config import RUN_CONFIG_FILE
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import batch_streams
 
 Array = jax.Array
 
 DEFAULT_SOLVER = "gm_ode_2"
-"""Pipeline/README default sampler row (§7)."""
+"""Pipeline/README default sampler row of a GM model (§7)."""
+
+DEFAULT_BASELINE_SOLVER = "euler"
+"""Default sampler row of a mean-only (flow-matching baseline) model."""
 
 DEFAULT_GUIDANCE_SCALE = 0.45
-"""Pipeline/README default probabilistic guidance scale (§7)."""
+"""Pipeline/README default probabilistic guidance scale of the GM rows (§7)."""
+
+DEFAULT_CFG_SCALE = 1.0
+"""Default classic CFG scale of the baseline rows (1 = unguided; §5.9)."""
+
+PIXEL_CHANNELS = (1, 3)
+"""Channel counts of a pixel-space model (grey or RGB); a VAE's latents have 4 (§4.8)."""
 
 DEFAULT_NUM_STEPS = 32
 """Pipeline/README default number of outer steps (§7)."""
 
-OUTPUT_TYPES = ("auto", "images", "latents")
-"""`output_type` values: "auto" = images when a VAE is loaded, else latents."""
+OUTPUT_TYPES = ("auto", "images", "latents", "pil")
+"""`output_type` values (module docstring)."""
 
 CONFIG_NAME = "config.json"
 """File name of a training run's pipeline config (module docstring)."""
@@ -210,6 +233,12 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, latents: Array) -> Array:
     return latents_to_images(nnx.merge(graphdef, state), latents)
 
 
+@jax.jit
+def _to_uint8(pixels: Array) -> Array:
+    """A pixel-space model's samples (about [-1, 1]) -> uint8 images (round half up)."""
+    return pixels_to_uint8(pixels)
+
+
 def _is_int(value: Any) -> bool:
     """An integer that is not a bool (Python or NumPy)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
@@ -228,7 +257,7 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 
 class GMFlowPipeline:
-    """A GM-DiT (+ optional SpectrumMLP and VAE) that turns class labels into samples (§5.2)."""
+    """A GM-DiT (GM or mean-only head; + optional SpectrumMLP and VAE): class labels -> samples."""
 
     def __init__(
         self,
@@ -237,23 +266,38 @@ class GMFlowPipeline:
         vae: AutoencoderKL | None = None,
         *,
         class_names: Sequence[str] | None = None,
+        pixel_space: bool | None = None,
     ):
         """Wrap loaded networks; `class_names` defaults to ImageNet's for a 1000-class model.
 
         The GM-DiT and the (float32) SpectrumMLP become one `ImageDenoiser`; `params` is its
         state and `_denoiser` / `_spectrum` its `models.denoiser.network_functions`.
+        `pixel_space`: whether the model samples images directly (None: without a VAE, a model
+        with 1 or 3 channels, `PIXEL_CHANNELS`; with a VAE it is a latent model).
         """
         if not isinstance(model, GMDiT):
-            raise ValueError(f"model must be a GMDiT, got {type(model).__name__}")
-        if model.config.mean_only:
-            raise ValueError("model must be a GM-DiT with a GM head, got a mean_only model")
+            raise ValueError(
+                f"model must be a GMDiT (the pipeline samples GM-DiT image models), got "
+                f"{type(model).__name__}; a 2-D toy MLP is sampled by its task "
+                "(gmflow_jax.tasks.checkerboard) or solvers.sample"
+            )
         self.config = model.config
+        self.mean_only = bool(model.config.mean_only)
+        if self.mean_only and spectrum_net is not None:
+            raise ValueError(
+                "a mean_only model has no GM to sample spectrally; pass no spectrum_net"
+            )
         c = self.config.in_channels
         if vae is not None and vae.config.latent_channels != c:
             raise ValueError(
                 f"vae latent_channels={vae.config.latent_channels} differs from the model's "
                 f"in_channels={c}"
             )
+        if pixel_space is None:
+            pixel_space = vae is None and c in PIXEL_CHANNELS
+        if pixel_space and vae is not None:
+            raise ValueError("pixel_space=True: a pixel-space model has no VAE; pass vae=None")
+        self.pixel_space = bool(pixel_space)
         self.model = ImageDenoiser(model, spectrum_net)
         self._denoiser, self._spectrum = network_functions(self.model)
         self.params: nnx.State = nnx.split(self.model)[1]
@@ -293,44 +337,61 @@ class GMFlowPipeline:
         cls,
         path: str,
         *,
+        step: int | None = None,
         config: Mapping[str, Any] | str | None = None,
         vae: AutoencoderKL | str | None = None,
         dtype: Any | None = None,
     ) -> GMFlowPipeline:
-        """EMA parameters of the newest step of one of our training runs (module docstring).
+        """EMA parameters of one of our training runs (module docstring): step `step`, or the
+        newest intact one.
 
         `path`: a workdir holding `checkpoints/`, or the checkpoint directory. `config`: the run's
         pipeline config (a dict or a JSON path; default `config.json` in the workdir, then in the
-        checkpoint directory). `vae`: a module or a VAE folder, overriding the config's entry.
-        `dtype` overrides the compute dtype.
+        checkpoint directory, then the `model` of the workdir's `run_config.json`). `vae`: a
+        module or a VAE folder, overriding the config's entry. `dtype` overrides the compute dtype.
         """
+        if step is not None and (not _is_int(step) or step < 0):
+            raise ValueError(f"step={step!r} must be a checkpoint step (an integer >= 0) or None")
         if not os.path.isdir(path):
             raise FileNotFoundError(f"checkpoint path {path!r} is not a directory")
         sub = os.path.join(path, CHECKPOINT_SUBDIR)
         ckpt_dir, workdir = (sub, path) if os.path.isdir(sub) else (path, os.path.dirname(path))
         config_dir = workdir
+        run_model = None
         if config is None:
             candidates = [os.path.join(workdir, CONFIG_NAME), os.path.join(ckpt_dir, CONFIG_NAME)]
             found = [p for p in candidates if os.path.isfile(p)]
-            if not found:
+            run_file = os.path.join(workdir, RUN_CONFIG_FILE)
+            if found:
+                config = found[0]
+            elif os.path.isfile(run_file):
+                run_model = _run_config_model(run_file)
+                config = {}
+            else:
                 raise FileNotFoundError(
-                    f"no run config found: looked for {candidates}; write the run's config.json "
-                    "(see gmflow_jax.pipeline's docstring) or pass config="
+                    f"no run config found: looked for {[*candidates, run_file]}; write the run's "
+                    "config.json (see gmflow_jax.pipeline's docstring) or pass config="
                 )
-            config = found[0]
+        config_file = None
         if isinstance(config, str):
-            config_dir = os.path.dirname(os.path.abspath(config))
-            with open(config) as f:
-                config = json.load(f)
+            config_file, config_dir = config, os.path.dirname(os.path.abspath(config))
+            config = read_json(config)
+        if vae is None and isinstance(config, Mapping) and config.get("vae"):
+            # Why contained: the config may come with a downloaded run; its `vae` must not point
+            # outside the run's folder (pass `vae=` to load one from elsewhere). Checked before
+            # the checkpoint is restored.
+            where = f"{config_file}: vae" if config_file else "config['vae']"
+            vae = contained_path(config_dir, config["vae"], where)
         overrides = {"remat": False}
         if dtype is not None:
             overrides["dtype"] = dtype
-        model_cfg = model_config_from_pipeline_config(config, **overrides)
+        if run_model is not None:
+            model_cfg = {**run_model, **overrides}
+        else:
+            model_cfg = model_config_from_pipeline_config(config, **overrides)
         graphdef, abstract = nnx.split(abstract_model(model_cfg))
-        weights, _ = restore_weights(ckpt_dir, {"ema_params": abstract})
+        weights, _ = restore_weights(ckpt_dir, {"ema_params": abstract}, step=step)
         model = nnx.merge(graphdef, weights["ema_params"])
-        if vae is None and config.get("vae"):
-            vae = os.path.join(config_dir, config["vae"])
         if isinstance(vae, str):
             vae = load_vae_folder(vae, dtype=model.config.dtype)
         return cls(model.denoiser, model.spectrum_net, vae)
@@ -385,38 +446,61 @@ class GMFlowPipeline:
 
     @property
     def has_vae(self) -> bool:
-        """Whether a VAE is loaded (then the default output is uint8 images)."""
+        """Whether a VAE is loaded (then the default output is its decoded uint8 images)."""
         return self._vae is not None
+
+    @property
+    def vae_parts(self) -> tuple[nnx.GraphDef, nnx.State] | None:
+        """`(graphdef, state)` of the loaded VAE, or None."""
+        return self._vae
+
+    @property
+    def default_solver(self) -> str:
+        """`gm_ode_2` for a GM model, `euler` for a mean-only baseline."""
+        return DEFAULT_BASELINE_SOLVER if self.mean_only else DEFAULT_SOLVER
+
+    def default_guidance_scale(self, solver: str | None = None) -> float:
+        """0.45 (probabilistic) for a GM row, 1.0 (CFG, unguided) for a baseline row."""
+        row = solvers.parse_sampler(self.default_solver if solver is None else solver)
+        return DEFAULT_GUIDANCE_SCALE if row.is_gm else DEFAULT_CFG_SCALE
 
     def solver_config(
         self,
-        solver: str = DEFAULT_SOLVER,
+        solver: str | None = None,
         num_steps: int = DEFAULT_NUM_STEPS,
         num_substeps: int | None = None,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         *,
         orthogonal_guidance: float = 1.0,
         shift: float = 1.0,
         spectral: bool | None = None,
     ) -> solvers.SolverConfig:
-        """The validated `SolverConfig` a call with these arguments runs (module docstring)."""
+        """The validated `SolverConfig` a call with these arguments runs (module docstring).
+
+        `solver` None = `default_solver`; `guidance_scale` None = `default_guidance_scale(row)`.
+        """
+        solver = self.default_solver if solver is None else solver
         row = solvers.parse_sampler(solver)
+        if self.mean_only and row.is_gm:
+            raise ValueError(
+                f"solver={solver!r} needs a GM model, and this is a mean-only flow-matching "
+                f"baseline: use a baseline row ({', '.join(solvers.BASELINE_SOLVERS)}) with a CFG "
+                "guidance_scale (active when > 1)"
+            )
         num_steps = _check_positive_int("num_steps", num_steps)
         if num_substeps is not None:
             num_substeps = _check_positive_int("num_substeps", num_substeps)
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale(row)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number in [0, 1)")
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number")
         w = float(guidance_scale)
-        if not (math.isfinite(w) and 0.0 <= w < 1.0):
+        if row.is_gm and not 0.0 <= w < 1.0:
             raise ValueError(
-                f"guidance_scale={guidance_scale!r} must be in [0, 1) (probabilistic guidance; "
-                "0 disables it; it is not a CFG scale)"
+                f"guidance_scale={guidance_scale!r} must be in [0, 1) for the GM row {solver!r} "
+                "(probabilistic guidance; 0 disables it; it is not a CFG scale)"
             )
-        if w > 0 and not row.is_gm:
-            raise ValueError(
-                f"guidance_scale={w} needs a GM solver (gm_ode_2, gm_sde_2, gm_ode, gm_sde); the "
-                f"baseline solver {solver!r} runs unguided only (guidance_scale=0)"
-            )
+        guidance.check_guidance_scale(w, row.guidance)  # baseline rows: CFG, w >= 0
         if spectral is None:
             spectral = row.solver == "gm_sde" and row.spectral and self._spectrum is not None
         if spectral and self._spectrum is None:
@@ -435,20 +519,33 @@ class GMFlowPipeline:
         )
         return cfg
 
+    def sampling_driver(
+        self, mesh: Any = None, compiler_options: Mapping[str, Any] | None = None
+    ) -> SamplingDriver:
+        """A sampling driver of this pipeline's networks on `mesh` (default: this process's
+        devices), with XLA `compiler_options` for its chunk program."""
+        return SamplingDriver(
+            self._denoiser,
+            self.params,
+            self._spectrum,
+            mesh=mesh,
+            compiler_options=compiler_options,
+        )
+
     @property
     def driver(self) -> SamplingDriver:
         """The sampling driver of this pipeline's networks over this process's devices (lazy)."""
         if self._driver is None:
-            self._driver = SamplingDriver(self._denoiser, self.params, self._spectrum)
+            self._driver = self.sampling_driver()
         return self._driver
 
     def __call__(
         self,
         class_labels: Any,
-        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        guidance_scale: float | None = None,
         num_steps: int = DEFAULT_NUM_STEPS,
         num_substeps: int | None = None,
-        solver: str = DEFAULT_SOLVER,
+        solver: str | None = None,
         seed: int = 0,
         *,
         output_type: str = "auto",
@@ -456,13 +553,15 @@ class GMFlowPipeline:
         orthogonal_guidance: float = 1.0,
         shift: float = 1.0,
         spectral: bool | None = None,
-    ) -> np.ndarray:
-        """Sample one image per label: uint8 `[N, H, W, 3]` with a VAE, else latents `[N, h, w, C]`.
+    ) -> np.ndarray | list[Image.Image]:
+        """Sample one image per label (module docstring: models, guidance, outputs).
 
-        `class_labels`: an int, a word, or a sequence of ints / ImageNet words. `guidance_scale` in
-        [0, 1); `num_substeps` None = the solver's default; `batch_size` splits the batch into
-        equal jitted chunks (the last one padded); `spectral` None = spectral sampling for GM-SDE
-        when a SpectrumMLP is loaded. `output_type`: "auto", "images" or "latents".
+        `class_labels`: an int, a word, or a sequence of ints / ImageNet words. `solver` None =
+        `default_solver`; `guidance_scale` None = the row's default (probabilistic w in [0, 1)
+        for GM rows, CFG w >= 0 for baseline rows); `num_substeps` None = the solver's default;
+        `batch_size` splits the batch into equal jitted chunks (the last one padded); `spectral`
+        None = spectral sampling for GM-SDE when a SpectrumMLP is loaded. `output_type`: "auto",
+        "images", "latents" or "pil".
         """
         labels = self._labels(class_labels)
         cfg = self.solver_config(
@@ -476,26 +575,74 @@ class GMFlowPipeline:
         )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} must be one of {OUTPUT_TYPES}")
-        if output_type == "images" and self._vae is None:
-            raise ValueError("output_type='images' needs a VAE, and none is loaded")
+        latent_model = not self.pixel_space
+        if output_type in ("images", "pil") and latent_model and self._vae is None:
+            raise ValueError(
+                f"output_type={output_type!r} needs a VAE to decode this latent model's samples, "
+                "and none is loaded; load one (vae=) or ask for output_type='latents'"
+            )
+        if output_type == "latents" and self.pixel_space:
+            raise ValueError(
+                "output_type='latents': this pixel-space model has no latents; its samples are "
+                "the images (output_type='images', or 'auto')"
+            )
         if not _is_int(seed):
             raise ValueError(f"seed={seed!r} must be an integer")
         n = len(labels)
         chunk = n if batch_size is None else min(_check_positive_int("batch_size", batch_size), n)
 
         streams = batch_streams(jax.random.PRNGKey(int(seed)), n, chunk, self.latent_shape)
-        scale = float(guidance_scale) if cfg.guided else None
-        latents = self.driver.sample(cfg, streams, n, labels, scale)
-        if output_type == "latents" or (output_type == "auto" and self._vae is None):
-            return latents
-        graphdef, state = self._vae
-        images = [
-            np.asarray(
-                _decode(graphdef, state, jnp.asarray(_pad_to(latents[s : s + chunk], chunk)))
-            )
-            for s in range(0, n, chunk)
-        ]
-        return np.concatenate(images)[:n]
+        w = self.default_guidance_scale(solver) if guidance_scale is None else guidance_scale
+        scale = float(w) if cfg.guided else None
+        samples = self.driver.sample(cfg, streams, n, labels, scale)
+        if output_type == "latents" or (
+            output_type == "auto" and latent_model and self._vae is None
+        ):
+            return samples
+        if self.pixel_space:
+            images = np.asarray(_to_uint8(jnp.asarray(samples)))
+        else:
+            graphdef, state = self._vae
+            images = np.concatenate(
+                [
+                    np.asarray(
+                        _decode(
+                            graphdef, state, jnp.asarray(_pad_to(samples[s : s + chunk], chunk))
+                        )
+                    )
+                    for s in range(0, n, chunk)
+                ]
+            )[:n]
+        if output_type == "pil":
+            return [to_pil(image) for image in images]
+        return images
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """A uint8 image `[H, W, C]` as a `PIL.Image`: "L" for one channel, "RGB" for three."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] not in PIXEL_CHANNELS:
+        raise ValueError(
+            f"to_pil needs a uint8 image [H, W, 1 or 3], got {image.dtype} {image.shape}"
+        )
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def _run_config_model(path: str) -> dict[str, Any]:
+    """The `model` section of a run's resolved `run_config.json`, checked to be a GM-DiT."""
+    record = read_json(path)
+    model = record.get("model") if isinstance(record, Mapping) else None
+    if not isinstance(model, Mapping):
+        raise ValueError(f"{path}: no 'model' section; the run config is damaged")
+    name = model.get("name")
+    if name != "gm_dit":
+        raise ValueError(
+            f"{path}: model.name={name!r}; GMFlowPipeline samples GM-DiT image models (digits, "
+            f"ImageNet; one of {MODEL_NAMES} is 'gm_dit'). A 2-D toy MLP run (the checkerboard) "
+            "is evaluated by rerunning its `python -m gmflow_jax.main` command (a finished run "
+            "goes straight to evaluation) or sampled with gmflow_jax.solvers.sample"
+        )
+    return dict(model)
 
 
 def _pad_to(x: np.ndarray, size: int) -> np.ndarray:

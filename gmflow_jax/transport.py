@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from gmflow_jax.constants import ERFINV_EPS, NEWTON_MAX_STEP, NEWTON_PDF_EPS, NEWTON_STEPS
-from gmflow_jax.gm import GM, check_gm, gm_to_gaussian, to_compute_dtype
+from gmflow_jax.gm import GM, axis_sum, check_gm, to_compute_dtype
 
 Array = jax.Array
 
@@ -196,15 +196,18 @@ def _bracketed_halley(
         jnp.maximum, [jnp.where(w > 0, m, -big) for m, w in zip(means, weights, strict=True)]
     )
     # Start from the §2.9 moment-matched proxy, moved into the bracket.
-    proxy_mean = functools.reduce(operator.add, [w * m for m, w in zip(means, weights, strict=True)])
+    proxy_mean = functools.reduce(
+        operator.add, [w * m for m, w in zip(means, weights, strict=True)]
+    )
     proxy_var = functools.reduce(
         operator.add, [w * (m - proxy_mean) ** 2 for m, w in zip(means, weights, strict=True)]
     )
     y0 = jnp.clip(proxy_mean + jnp.sqrt(proxy_var + std * std) * z, lo, hi)
     pdf_scale = 2.0 * inv_std / math.sqrt(2.0 * math.pi)  # f' = 2 pdf = pdf_scale sum_k w_k e_k
+    slack = 1e-3 * std
 
     def halley_step(_, carry):
-        y, lo, hi = carry
+        y, lo, hi, step_prev, step_prev2 = carry
         cdf, dens, slope = 0.0, 0.0, 0.0
         for m, w in zip(means, weights, strict=True):
             d = (y - m) * inv_std
@@ -217,13 +220,25 @@ def _bracketed_halley(
         lo, hi = jnp.where(below, y, lo), jnp.where(below, hi, y)
         f1 = pdf_scale * dens  # dF/dy
         f2 = -pdf_scale * inv_std * slope  # d2F/dy2
-        y_halley = y - 2.0 * f * f1 / (2.0 * f1 * f1 - f * f2)
-        # Accept Halley's step inside the (closed) bracket, else bisect: a converged y sits on a
-        # bracket end, where the step is 0; NaN (f1 = 0 in a gap between modes) bisects.
-        inside = (y_halley >= lo) & (y_halley <= hi)
-        return jnp.where(inside, y_halley, 0.5 * (lo + hi)), lo, hi
+        step = 2.0 * f * f1 / (2.0 * f1 * f1 - f * f2)
+        y_halley = y - step
+        # Take Halley's step if it lands in the bracket and is at most half the step before the
+        # previous one (as in Numerical Recipes' rtsafe), else bisect: a step out of the bracket
+        # or NaN (f1 underflows in a gap between modes) or slow progress (creeping along the tail
+        # of a mode towards a far root) halves the bracket instead, so the bracket at least halves
+        # every two iterations. A converged y sits on a bracket end and its step is rounding noise
+        # that may point just outside (XLA may round the recomputed F differently in two fusions):
+        # within `slack` such a step is taken, clipped to the bracket.
+        halley = (
+            (y_halley > lo - slack)
+            & (y_halley < hi + slack)
+            & (jnp.abs(step) <= 0.5 * step_prev2 + slack)
+        )
+        y_next = jnp.where(halley, jnp.clip(y_halley, lo, hi), 0.5 * (lo + hi))
+        return y_next, lo, hi, jnp.abs(y_next - y), step_prev
 
-    return jax.lax.fori_loop(0, n_steps, halley_step, (y0, lo, hi))[0]
+    width = hi - lo
+    return jax.lax.fori_loop(0, n_steps, halley_step, (y0, lo, hi, width, width))[0]
 
 
 def gm1d_inverse_cdf_bracketed(
@@ -277,14 +292,30 @@ def kr_rotation(gm: GM) -> Array:
     if gm.means.ndim < 3:
         raise ValueError(f"gm.means must have shape [B, ..., K, C], got {gm.means.shape}")
     gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm.astype_compute())
-    _, cov = gm_to_gaussian(gm)  # [B, *P, C, C]
-    cov = jnp.mean(cov, axis=tuple(range(1, cov.ndim - 2)))
+    b, c = gm.means.shape[0], gm.num_channels
+    w = jnp.exp(gm.logweights)
+    centered = gm.means - axis_sum(w * gm.means, -2, keepdims=True)  # two-pass, as §2.3
+    # The pixel mean of the per-pixel §2.3 covariances is one contraction over (pixels, K): a single
+    # [C, P K] x [P K, C] matmul per sample instead of P tiny [C, K] x [K, C] ones.
+    spread = jnp.einsum(
+        "bnc,bnd->bcd",
+        (w * centered).reshape(b, -1, c),
+        centered.reshape(b, -1, c),
+        precision=_HIGHEST,
+    )
+    pixels = gm.means.shape[1:-2]
+    var = jnp.broadcast_to(jnp.exp(2.0 * gm.logstds)[..., 0, 0], (b,) + pixels)
+    var = jnp.mean(var.reshape(b, -1), axis=-1)
+    cov = spread / math.prod(pixels) + var[:, None, None] * jnp.eye(c, dtype=spread.dtype)
     _, eigvecs = jnp.linalg.eigh(cov)
     return jax.lax.stop_gradient(eigvecs[..., ::-1])
 
 
-def _prepare_kr(gm: GM, points: Array, rotation: Array | None, name: str):
-    """Validate, promote, add a sample axis and rotate the GM means (both KR directions)."""
+def _validate_kr(gm: GM, points: Array, rotation: Array | None, name: str):
+    """Validate and promote the inputs of both KR directions; add a sample axis to `points`.
+
+    Returns `(gm, points [B, n, *P, C], rotation [B, C, C], has_sample_axis)`.
+    """
     check_gm(gm)
     means_shape = gm.means.shape
     if gm.means.ndim < 3:
@@ -312,10 +343,15 @@ def _prepare_kr(gm: GM, points: Array, rotation: Array | None, name: str):
             f"rotation must have shape [B, C, C] = {(means_shape[0], num_channels, num_channels)}, "
             f"got {rotation.shape}"
         )
-    gm = gm.astype_compute()
     points = to_compute_dtype(points)
     if not has_sample_axis:
         points = points[:, None]
+    return gm.astype_compute(), points, rotation, has_sample_axis
+
+
+def _prepare_kr(gm: GM, points: Array, rotation: Array | None, name: str):
+    """Validate, promote, add a sample axis and rotate the GM means (GM -> Gaussian direction)."""
+    gm, points, rotation, has_sample_axis = _validate_kr(gm, points, rotation, name)
     # Insert the sample axis into the GM: [B, 1, *P, K, C].
     means, logweights, logstds = (f[:, None] for f in (gm.means, gm.logweights, gm.logstds))
     v = rotation.reshape((rotation.shape[0],) + (1,) * (means.ndim - 3) + rotation.shape[1:])
@@ -323,13 +359,37 @@ def _prepare_kr(gm: GM, points: Array, rotation: Array | None, name: str):
     return means_rot, logweights, logstds, points, v, has_sample_axis
 
 
+def _rotate(vectors: list[Array], v: Array, transpose: bool) -> list[Array]:
+    """`V^T x` (transpose) or `V x` for a vector given as its C channel arrays; V `[B, 1.., C, C]`.
+
+    Up to `KR_UNROLL_MAX_CHANNELS` channels the product is unrolled into element-wise multiply-adds
+    (exact float32 products, no batched tiny matmul, which XLA:CPU runs slowly); beyond, a matmul.
+    """
+    c = len(vectors)
+    if c > KR_UNROLL_MAX_CHANNELS:
+        stacked = jnp.stack(vectors, axis=-1)
+        spec = "...c,...ca->...a" if transpose else "...a,...ca->...c"
+        out = jnp.einsum(spec, stacked, v, precision=_HIGHEST)
+        return [out[..., i] for i in range(c)]
+    if transpose:
+        return [
+            functools.reduce(operator.add, [vectors[i] * v[..., i, j] for i in range(c)])
+            for j in range(c)
+        ]
+    return [
+        functools.reduce(operator.add, [v[..., i, j] * vectors[j] for j in range(c)])
+        for i in range(c)
+    ]
+
+
 def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> Array:
     """Knothe-Rosenblatt transport of standard-normal `z` to GM samples (§2.10, axis-aligned).
 
     Channel `a` of `z` (not rotated) drives rotated axis `a`: sequentially for a = 0..C-1, the
     rotated coordinate solves scaled_cdf_a(y_a) = erf(z_a / sqrt 2) for the slice GM (rotated means
-    of axis a, std s, slice log-weights conditioned on y_0..y_{a-1}) with 16 Newton steps (§2.9);
-    then x = V y.
+    of axis a, std s, slice log-weights conditioned on y_0..y_{a-1}); then x = V y. The 1-D solver is
+    `gm1d_inverse_cdf_bracketed` with `KR_SOLVER_STEPS` iterations (the reference uses 16 clamped
+    Newton steps of §2.9; both reach the same root where those converge).
 
     Args:
       gm: GM with means `[B, *P, K, C]` and per-sample logstds `[B, 1, ..., 1]`.
@@ -342,38 +402,39 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     out_dtype = jnp.asarray(z).dtype
     gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm)
     z = jax.lax.stop_gradient(z)
-    means_rot, logweights, logstds, z, v, has_sample_axis = _prepare_kr(gm, z, rotation, "z")
-    logweights = logweights[..., 0]  # [B, 1, *P, K]
-    logstd = logstds[..., 0, 0]  # [B, 1, 1.., 1] with the rank of z without C
-    std = jnp.exp(logstd)[..., None]
+    gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z")
+    num_components, num_channels = gm.num_components, gm.num_channels
+    # Why per-(k, a) arrays of shape [B, 1, *P]: see `_bracketed_halley` (no short minor axes).
+    means_t = jnp.moveaxis(gm.means[:, None], (-2, -1), (0, 1))  # [K, C, B, 1, *P]
+    logweights_t = jnp.moveaxis(gm.logweights[:, None, ..., 0], -1, 0)  # [K, B, 1, *P]
+    v = rotation.reshape((rotation.shape[0],) + (1,) * (z.ndim - 2) + rotation.shape[1:])
+    means_rot = [
+        _rotate([means_t[k, i] for i in range(num_channels)], v, transpose=True)
+        for k in range(num_components)
+    ]  # means_rot[k][a] = (V^T mu_k)_a
+    logweights = [logweights_t[k] for k in range(num_components)]
+    std = jnp.exp(gm.logstds[:, None, ..., 0, 0])  # [B, 1, 1.., 1] with the rank of z without C
+    inv_std = 1.0 / std
     u = jax.lax.erf(z / _SQRT2)
-    num_channels = z.shape[-1]
 
-    # Sequential over the rotated axes with lax.scan (one compiled Newton loop for all C axes).
-    # Carry: sum_{j<a} ((y_j - mu_kj) / s)^2, [B, n, *P, K].
-    sq_prev0 = jnp.zeros(z.shape[:-1] + logweights.shape[-1:], z.dtype)
-
-    def kr_axis(sq_prev, inputs):
-        a, means_a, u_a, z_a = inputs  # means_a [B, 1, *P, K]; u_a, z_a [B, n, *P]
-        # Slice log-weights; l^(0) = l exactly (the log-softmax is only needed for a > 0).
-        slice_logweights = jnp.where(
-            a == 0, logweights, jax.nn.log_softmax(logweights - 0.5 * sq_prev, axis=-1)
-        )
-        y_a = gm1d_inverse_cdf(
-            means_a, slice_logweights, logstd, u_a, z_init=z_a, n_steps=NEWTON_STEPS
-        )  # [B, n, *P]
-        d = (y_a[..., None] - means_a) / std
-        return sq_prev + d * d, y_a
-
-    axes_first = (
-        jnp.arange(num_channels),
-        jnp.moveaxis(means_rot, -1, 0),
-        jnp.moveaxis(u, -1, 0),
-        jnp.moveaxis(z, -1, 0),
-    )
-    _, y_rot = jax.lax.scan(kr_axis, sq_prev0, axes_first)
-    y_rot = jnp.moveaxis(y_rot, 0, -1)  # [B, n, *P, C]
-    x = jnp.einsum("...d,...cd->...c", y_rot, v, precision=_HIGHEST)  # x = V y
+    y_rot, sq_prev = [], None  # sq_prev[k] = sum_{j<a} ((y_j - mu_kj) / s)^2, [B, n, *P]
+    for a in range(num_channels):
+        means_a = [means_rot[k][a] for k in range(num_components)]
+        if sq_prev is None:  # l^(0) = l exactly
+            weights = [jnp.exp(lw) for lw in logweights]
+        else:  # softmax_k(l_k - sq_k / 2), max-shifted
+            logits = [lw - 0.5 * sq for lw, sq in zip(logweights, sq_prev, strict=True)]
+            shift = functools.reduce(jnp.maximum, logits)
+            shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+            unnormalized = [jnp.exp(lg - shift) for lg in logits]
+            total = functools.reduce(operator.add, unnormalized)
+            weights = [e / total for e in unnormalized]
+        y_a = _bracketed_halley(means_a, weights, std, z[..., a], u[..., a], KR_SOLVER_STEPS)
+        y_rot.append(y_a)
+        if a + 1 < num_channels:
+            d2 = [((y_a - m) * inv_std) ** 2 for m in means_a]
+            sq_prev = d2 if sq_prev is None else [p + q for p, q in zip(sq_prev, d2, strict=True)]
+    x = jnp.stack(_rotate(y_rot, v, transpose=False), axis=-1)  # x = V y, [B, n, *P, C]
     if not has_sample_axis:
         x = x[:, 0]
     return jax.lax.stop_gradient(x.astype(out_dtype))

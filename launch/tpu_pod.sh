@@ -219,6 +219,8 @@ supervise() {
     else
       sleep "$POLL_S"
       s=$(state)
+      # A failed describe reads as NOT_FOUND: ask again before treating a transient API error as loss.
+      [[ $s == NOT_FOUND ]] && { sleep "$WAIT_POLL_S"; s=$(state); }
       case "$s" in
         ACTIVE)
           out=$(gcloud compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" "${PROJECT_FLAG[@]}" --worker=0 --command "$POLL_CMD" 2>/dev/null | tail -n 1 || echo unreachable)

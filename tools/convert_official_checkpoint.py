@@ -7,7 +7,10 @@ Input: a local copy of the official pipeline folder, e.g. downloaded with
 holding `transformer/` and `spectrum_net/` (config.json + safetensors, fp32 or the `bf16` variant) and
 `vae/`. Output, in `--out_dir`: `gmflow_jax_official.json` (manifest), `transformer/gmdit_config.json`
 + `gmdit_params.npz`, `spectrum_net/spectrum_config.json` + `spectrum_params.npz`, and
-`vae/vae_config.json` + `vae_params.npz`, all float32. The key table is
+`vae/vae_config.json` + `vae_params.npz`, all float32. The folder is written beside `--out_dir` and
+renamed into place, so a failure part-way leaves an existing `--out_dir` untouched; an existing
+`--out_dir` is replaced only when it is empty or an earlier conversion (it holds the manifest). An
+error is printed as one line (`error: ...`) and the exit status is 1. The key table is
 `gmflow_jax.interop.key_table.KEY_TABLE`, the file layout `gmflow_jax.interop.converted_folder` (this
 script is only its command line). Load the result with
 `gmflow_jax.pipeline.GMFlowPipeline.from_official(out_dir)` or
@@ -23,6 +26,11 @@ import argparse
 import sys
 
 from gmflow_jax.interop.converted_folder import convert_official_folder
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line (a multi-line key report joined with "; ")."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,13 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no_vae", action="store_true", help="skip the vae/ folder")
     args = parser.parse_args(argv)
-    manifest = convert_official_folder(
-        args.src,
-        args.out_dir,
-        variant=args.variant,
-        scan_blocks=args.scan_blocks,
-        with_vae=not args.no_vae,
-    )
+    try:
+        manifest = convert_official_folder(
+            args.src,
+            args.out_dir,
+            variant=args.variant,
+            scan_blocks=args.scan_blocks,
+            with_vae=not args.no_vae,
+        )
+    except (ValueError, OSError) as err:
+        # Why no traceback: these are problems of the input folders, each named in the message.
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
     for name in manifest["components"]:
         print(
             f"{name}: {manifest['num_params'][name]:,} parameters from "

@@ -1,58 +1,36 @@
 """Convert a diffusers AutoencoderKL (`vae/` folder) to `gmflow_jax.models.vae` parameters (`docs/math.md` §4.8).
 
-Input: a folder holding `config.json` and `diffusion_pytorch_model.safetensors` (e.g. a local copy of
-`stabilityai/sd-vae-ft-ema`). Output, in `--out_dir`:
+Input: a folder holding `config.json` and `diffusion_pytorch_model.safetensors` (or a `bf16` / `fp16`
+variant, or a sharded index; e.g. a local copy of `stabilityai/sd-vae-ft-ema`). Output, in `--out_dir`:
 
 * `vae_params.npz`: one float32 array per parameter, keyed by dotted module path
-  (`encoder.down_blocks.0.resnets.0.conv1.kernel`, ...; the key table is in the
-  `gmflow_jax.models.vae` docstring);
+  (`encoder.down_blocks.0.resnets.0.conv1.kernel`, ...; the key table is
+  `gmflow_jax.interop.key_table.convert_vae_state_dict`);
 * `vae_config.json`: the architecture as a diffusers-style config (`VAEConfig.to_diffusers`).
 
-Load the result with `gmflow_jax.models.vae.load_vae(out_dir + "/vae_params.npz")`. The safetensors file
-is read with `safetensors.numpy` (no torch). Every key is checked: unmapped or missing keys and shape
-mismatches abort with a ValueError that lists them.
+The folder is written beside `--out_dir` and renamed into place, so a failure part-way leaves an
+existing `--out_dir` untouched; an existing `--out_dir` is replaced only when it is empty or an
+earlier conversion (it holds `vae_params.npz`). Load the result with
+`gmflow_jax.interop.converted_folder.load_vae_folder(out_dir)`. The safetensors file is read with
+`safetensors.numpy` (no torch). Every key is checked: unmapped or missing keys, shape mismatches and
+non-finite values abort. An error is printed as one line (`error: ...`) and the exit status is 1.
+The library side is `gmflow_jax.interop.converted_folder.convert_vae_folder`.
 
 Usage:
-  python tools/convert_vae.py --vae_dir /path/to/sd-vae-ft-ema --out_dir /path/to/out
+  python tools/convert_vae.py --vae_dir /path/to/sd-vae-ft-ema --out_dir /path/to/out [--variant bf16]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
-from safetensors.numpy import load_file
-
-from gmflow_jax.atomic_file import write_json_atomic, write_npz_atomic
-from gmflow_jax.models.vae import VAEConfig, convert_diffusers_state_dict
-
-PARAMS_NAME = "vae_params.npz"
-"""File name of the converted parameters in `--out_dir`."""
-
-CONFIG_NAME = "vae_config.json"
-"""File name of the converted config in `--out_dir`."""
+from gmflow_jax.interop.converted_folder import convert_vae_folder
 
 
-def convert_vae_dir(
-    vae_dir: str, out_dir: str, weights_name: str = "diffusion_pytorch_model.safetensors"
-) -> tuple[str, str, int]:
-    """Convert `vae_dir`/{config.json, weights_name}; return (params path, config path, #params)."""
-    config_path = os.path.join(vae_dir, "config.json")
-    weights_path = os.path.join(vae_dir, weights_name)
-    for path in (config_path, weights_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"vae_dir={vae_dir!r} has no {os.path.basename(path)!r}")
-    with open(config_path) as f:
-        config = VAEConfig.from_diffusers(json.load(f))
-    params = convert_diffusers_state_dict(load_file(weights_path), config)
-    os.makedirs(out_dir, exist_ok=True)
-    params_out = os.path.join(out_dir, PARAMS_NAME)
-    config_out = os.path.join(out_dir, CONFIG_NAME)
-    write_npz_atomic(params_out, **params)
-    write_json_atomic(config_out, config.to_diffusers(), sort_keys=True)
-    return params_out, config_out, sum(v.size for v in params.values())
+def one_line(err: BaseException) -> str:
+    """The message of `err` on one line (a multi-line key report joined with "; ")."""
+    return "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,13 +39,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae_dir", required=True, help="diffusers vae folder (config + weights)")
     parser.add_argument("--out_dir", required=True, help="where to write the converted files")
     parser.add_argument(
+        "--variant",
+        default=None,
+        choices=["bf16", "fp16"],
+        help="weights variant to read first (default: the fp32 file; others are fallbacks)",
+    )
+    parser.add_argument(
         "--weights_name",
-        default="diffusion_pytorch_model.safetensors",
-        help="safetensors file name inside --vae_dir",
+        default=None,
+        help="safetensors file name inside --vae_dir (default: found by --variant)",
     )
     args = parser.parse_args(argv)
-    params_out, config_out, n = convert_vae_dir(args.vae_dir, args.out_dir, args.weights_name)
-    print(f"wrote {params_out} ({n:,} parameters) and {config_out}")
+    try:
+        out = convert_vae_folder(
+            args.vae_dir, args.out_dir, variant=args.variant, weights_name=args.weights_name
+        )
+    except (ValueError, OSError) as err:
+        # Why no traceback: these are problems of the input folder, each named in the message.
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote {out['params']} ({out['num_params']:,} parameters from {out['weights_file']}) "
+        f"and {out['config']}"
+    )
     return 0
 
 

@@ -99,6 +99,27 @@ def preprocess(image: Image.Image, image_size: int, seed: int, example_id: int) 
 # Sources
 
 
+class BadImageError(ValueError):
+    """An image that cannot be decoded (truncated, not an image) or encodes to a non-finite latent;
+    the message names its file (or tfds record) and example id."""
+
+
+def _decoded(open_image, where: str, example_id: int) -> Image.Image:
+    """`open_image()` fully decoded (PIL decodes lazily, so a truncated file fails only at `load`);
+    `BadImageError` naming `where` on any decoding error."""
+    try:
+        with open_image() as image:
+            image.load()  # the pixels stay in memory after the `with` closes the file
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # PIL reports a truncated or corrupt file as OSError (UnidentifiedImageError is one) and
+        # some plugin errors as SyntaxError / ValueError.
+        raise BadImageError(
+            f"image {where} (example id {example_id}) cannot be decoded: "
+            f"{type(err).__name__}: {err}; delete or replace it and rerun (finished shards are kept)"
+        ) from err
+
+
 def list_image_folder(root: str) -> tuple[list[str], np.ndarray, list[str]]:
     """(image paths in id order, labels [N] int64, class names) of an ImageFolder tree."""
     if not os.path.isdir(root):
@@ -146,11 +167,14 @@ class FolderSource:
         """Number of class directories."""
         return len(self.classes)
 
+    def describe(self, index: int) -> str:
+        """Where image `index` comes from, for error messages (its path)."""
+        return self.paths[index]
+
     def get(self, index: int) -> tuple[Image.Image, int]:
-        """Image `index` and its label."""
-        with Image.open(self.paths[index]) as image:
-            image.load()
-            return image, int(self.labels[index])
+        """Image `index` and its label; `BadImageError` naming the file if it cannot be decoded."""
+        image = _decoded(lambda: Image.open(self.paths[index]), self.describe(index), index)
+        return image, int(self.labels[index])
 
 
 class TfdsSource:
@@ -185,17 +209,23 @@ class TfdsSource:
             )
             self.source = builder.as_data_source(split=spec.split)
         self.num_classes = int(builder.info.features["label"].num_classes)
+        self.name, self.split = spec.tfds_name, spec.split
 
     def __len__(self) -> int:
         """Number of records in the split."""
         return len(self.source)
+
+    def describe(self, index: int) -> str:
+        """Where image `index` comes from, for error messages (dataset, split, record)."""
+        return f"tfds {self.name}/{self.split} record {index}"
 
     def get(self, index: int) -> tuple[Image.Image, int]:
         """Image `index` (decoded by tfds, or JPEG bytes decoded here) and its label."""
         example = self.source[index]
         image = example["image"]
         if isinstance(image, (bytes, np.bytes_)):
-            return Image.open(io.BytesIO(image)), int(example["label"])
+            opened = _decoded(lambda: Image.open(io.BytesIO(image)), self.describe(index), index)
+            return opened, int(example["label"])
         return Image.fromarray(np.asarray(image, np.uint8)), int(example["label"])
 
 
@@ -318,6 +348,12 @@ def prepare_shard(job: Job) -> tuple[int, int, bool]:
         padded_ids = np.concatenate([ids, np.repeat(ids[-1:], pad)]) if pad else ids
         latents = encode(padded_images, padded_ids.astype(np.uint32), job.seed)[:n]
         latents = latents.astype(DTYPES[job.dtype])
+        finite = np.isfinite(latents.astype(np.float32).reshape(n, -1)).all(axis=1)
+        if not finite.all():
+            i = int(ids[np.flatnonzero(~finite)[0]])
+            raise BadImageError(
+                f"image {source.describe(i)} (example id {i}) encodes to a non-finite latent"
+            )
         records += [encode_record(z, y, i) for z, y, i in zip(latents, labels, ids, strict=True)]
     write_shard(job.path, records)
     return job.shard_index, len(records), True
@@ -342,7 +378,13 @@ def export_npy(output_dir: str) -> tuple[str, str]:
         reader = ArrayRecordReader(path)
         try:
             for record in reader.read_all():
-                z, y, i = decode_record(record, shards.latent_shape, shards.dtype)
+                z, y, i = decode_record(
+                    record,
+                    shards.latent_shape,
+                    shards.dtype,
+                    num_classes=shards.num_classes,
+                    shard=path,
+                )
                 latents[i], labels[i] = z.astype(out_dtype), y
         finally:
             reader.close()
@@ -462,4 +504,8 @@ def _report(results, total: int, t0: float) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BadImageError as err:  # one line naming the image, no traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,15 +1,25 @@
 """Generate N class-conditional samples on every device and host, or run the guidance sweep.
 
-The sampling logic is in `gmflow_jax.eval.sampling` (random streams, shard layout, resume, merge,
-sweep); this file parses and checks the flags, loads the model through `GMFlowPipeline`, builds the
-mesh and calls it.
+The sampling logic is in `gmflow_jax.eval.adm_export` (index streams -> the sampling driver ->
+decode, shard layout, resume, merge) and `gmflow_jax.eval.guidance_sweep` (the sweep); this file
+parses and checks the flags, loads the model through `GMFlowPipeline`, builds the mesh and calls
+them.
+
+Every model we train samples here: GM (GMFlow) and mean-only (the flow-matching baseline: rows
+euler, ddpm_small, ddpm_large, dpmpp_2m, dpmpp_2m_sde with CFG `--guidance_scale`, active when
+> 1), latent (ImageNet: VAE-decoded) and pixel-space (the digits: the samples are the images,
+uint8 [N, H, W, C]; no VAE needed). `--solver` defaults to gm_ode_2 for a GM model and euler for a
+mean-only one; `--guidance_scale` to 0.45 (GM rows, probabilistic, [0, 1)) or 1 (baseline rows,
+CFG, unguided).
 
 Samples for the ADM evaluator (50,000 by default; shards + `samples.npz` in `--out_dir`):
 
   python tools/sample.py --official gmflow_k8_jax --out_dir samples/gmode2_32 \
-      --solver gm_ode2 --num_steps 32 --num_substeps 4 --guidance_scale 0.47 --seed 0
+      --solver gm_ode_2 --num_steps 32 --num_substeps 4 --guidance_scale 0.47 --seed 0
 
   python tools/sample.py --checkpoint runs/imagenet256 --out_dir samples/ours ...  # EMA weights
+  python tools/sample.py --checkpoint runs/digits_baseline --step 3000 --out_dir samples/digits \
+      --solver dpmpp_2m --num_steps 8 --guidance_scale 2 --num_samples 1000
 
 Guidance sweep (`docs/paper-facts.md` §5: w in 0.02..0.75, GM-ODE 2 and GM-SDE 2 at NFE 8 and 32), scored with
 the FID Inception (`tools/convert_inception_weights.py`) against an ADM reference batch:
@@ -31,12 +41,13 @@ import sys
 
 import jax
 
-from gmflow_jax.eval import sampling
+from gmflow_jax import guidance, solvers
+from gmflow_jax.eval import adm_export, guidance_sweep
 from gmflow_jax.eval.inception import load_fid_inception
 from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
 from gmflow_jax.parallel.distributed import initialize_distributed
 from gmflow_jax.parallel.mesh import MeshConfig, batch_split, make_mesh
-from gmflow_jax.pipeline import SOLVER_NAMES, GMFlowPipeline
+from gmflow_jax.pipeline import GMFlowPipeline
 
 MESH_FIELDS = ("data", "fsdp", "tensor", "dcn_data", "dcn_fsdp")
 """Keys `--mesh` accepts (the fields of `gmflow_jax.parallel.mesh.MeshConfig`)."""
@@ -58,22 +69,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--official", help="the official checkpoint: converted or raw diffusers folder"
     )
     p.add_argument("--config", help="run config JSON for --checkpoint (default: in the workdir)")
+    p.add_argument(
+        "--step", type=int, help="checkpoint step of --checkpoint (default: the newest intact one)"
+    )
     p.add_argument("--vae", help="VAE folder (converted or diffusers); default: the model's own")
     p.add_argument("--variant", help="weights variant of a raw official folder, e.g. bf16")
     p.add_argument("--dtype", choices=DTYPES, help="compute dtype (default: the model's)")
     p.add_argument("--out_dir", required=True, help="where shards, samples.npz and tables go")
-    p.add_argument("--num_samples", type=int, default=sampling.DEFAULT_NUM_SAMPLES)
+    p.add_argument("--num_samples", type=int, default=adm_export.DEFAULT_NUM_SAMPLES)
     p.add_argument(
         "--batch_size",
         type=int,
-        help=f"global batch (default {sampling.DEFAULT_PER_DEVICE_BATCH} per data-parallel device)",
+        help=f"global batch (default {adm_export.DEFAULT_PER_DEVICE_BATCH} per data-parallel device)",
     )
-    p.add_argument("--solver", choices=list(SOLVER_NAMES), help="sampler (default gm_ode2)")
+    p.add_argument(
+        "--solver",
+        type=_sampler_arg,
+        help=f"sampler row: {solvers.ALLOWED_FORMS} (default gm_ode_2, euler for a mean-only "
+        "model)",
+    )
     p.add_argument("--num_steps", type=int, help="outer steps = NFE (default 32)")
     p.add_argument(
         "--num_substeps", type=int, help="GM-ODE substeps (default ceil(128 / num_steps))"
     )
-    p.add_argument("--guidance_scale", type=float, help="probabilistic w in [0, 1) (default 0.45)")
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        help="GM rows: probabilistic w in [0, 1) (default 0.45); baseline rows: CFG w >= 0, "
+        "active when > 1 (default 1)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--mesh",
@@ -82,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--uint8",
-        choices=sampling.UINT8_MODES,
+        choices=adm_export.UINT8_MODES,
         default="adm",
         help="adm: uint8(clip((x+1)*127.5)) as ADM's image_sample.py; round: round half up",
     )
@@ -99,22 +123,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="run the guidance sweep instead")
     p.add_argument(
         "--sweep_solvers",
-        default=",".join(sampling.PAPER_SWEEP_SOLVERS),
+        default=",".join(guidance_sweep.PAPER_SWEEP_SOLVERS),
         help="comma-separated GM solvers of the sweep",
     )
     p.add_argument(
         "--sweep_steps",
-        default=",".join(str(s) for s in sampling.PAPER_SWEEP_STEPS),
+        default=",".join(str(s) for s in guidance_sweep.PAPER_SWEEP_STEPS),
         help="comma-separated NFEs of the sweep",
     )
     p.add_argument(
         "--sweep_guidance",
-        default=",".join(f"{w:g}" for w in sampling.PAPER_GUIDANCE_GRID),
+        default=",".join(f"{w:g}" for w in guidance_sweep.PAPER_GUIDANCE_GRID),
         help="comma-separated guidance scales of the sweep (default: the paper's grid)",
     )
     p.add_argument("--inception", help="FID Inception .npz (tools/convert_inception_weights.py)")
     p.add_argument("--reference", help="ADM reference batch .npz (images + mu/sigma)")
     return p
+
+
+def _sampler_arg(text: str) -> str:
+    """`--solver` value -> its canonical sampler row (the grammar of `gmflow_jax.solvers.config`)."""
+    try:
+        return solvers.canonical_sampler(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_mesh(text: str) -> MeshConfig:
@@ -205,6 +237,10 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--config applies to --checkpoint only")
     if args.variant is not None and args.official is None:
         raise ValueError("--variant applies to --official only")
+    if args.step is not None and args.checkpoint is None:
+        raise ValueError("--step applies to --checkpoint only")
+    if args.step is not None and args.step < 0:
+        raise ValueError(f"--step={args.step} must be a checkpoint step (>= 0)")
     args.mesh_config = parse_mesh(args.mesh)
     args.xla_options = parse_xla_options(args.xla_option)
     if args.sweep:
@@ -216,13 +252,20 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"--{single[0]} sets a single run; with --sweep use --sweep_solvers, "
                 "--sweep_steps and --sweep_guidance"
             )
-        args.sweep_solvers = [s for s in args.sweep_solvers.split(",") if s.strip()]
-        bad = [s for s in args.sweep_solvers if s not in sampling.SWEEP_SOLVERS]
-        if bad or not args.sweep_solvers:
+        names = [s.strip() for s in args.sweep_solvers.split(",") if s.strip()]
+        rows, bad = [], []
+        for name in names:
+            try:
+                rows.append(solvers.canonical_sampler(name))
+            except ValueError:
+                bad.append(name)
+        bad += [r for r in rows if r not in guidance_sweep.SWEEP_SOLVERS]
+        if bad or not rows:
             raise ValueError(
-                f"--sweep_solvers={','.join(args.sweep_solvers)!r}: {bad} not allowed; allowed: "
-                f"{', '.join(sampling.SWEEP_SOLVERS)} (probabilistic guidance needs a GM solver)"
+                f"--sweep_solvers={','.join(names)!r}: {bad} not allowed; allowed: "
+                f"{', '.join(guidance_sweep.SWEEP_SOLVERS)} (probabilistic guidance needs a GM solver)"
             )
+        args.sweep_solvers = rows
         args.sweep_steps = _int_list("--sweep_steps", args.sweep_steps)
         args.sweep_guidance = _float_list("--sweep_guidance", args.sweep_guidance)
         for flag in ("inception", "reference"):
@@ -237,40 +280,53 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.num_substeps is not None and args.num_substeps < 1:
             raise ValueError(f"--num_substeps={args.num_substeps} must be >= 1")
         return args
-    args.solver = args.solver or "gm_ode2"
     args.num_steps = 32 if args.num_steps is None else args.num_steps
-    args.guidance_scale = 0.45 if args.guidance_scale is None else args.guidance_scale
     if args.num_steps < 1:
         raise ValueError(f"--num_steps={args.num_steps} must be >= 1")
     if args.num_substeps is not None and args.num_substeps < 1:
         raise ValueError(f"--num_substeps={args.num_substeps} must be >= 1")
+    w = args.guidance_scale
+    if w is not None and not (math.isfinite(w) and w >= 0):
+        raise ValueError(
+            f"--guidance_scale={w} must be >= 0 (GM rows: [0, 1), probabilistic; baseline rows: "
+            "CFG, active when > 1)"
+        )
+    if args.solver is not None:  # else the model's default row, checked once it is loaded
+        check_row_args(args.solver, args.num_substeps, w)
+    return args
+
+
+def check_row_args(solver: str, num_substeps: int | None, w: float | None) -> None:
+    """Substeps and guidance scale against the row's rules; ValueError naming the flag."""
+    row = solvers.parse_sampler(solver)
     if (
-        args.num_substeps is not None
-        and args.num_substeps > 1
-        and SOLVER_NAMES[args.solver][0] != "gm_ode"
+        num_substeps is not None
+        and num_substeps > 1
+        and not (row.solver == "gm_ode" and row.substeps)
     ):
         raise ValueError(
-            f"--num_substeps={args.num_substeps} needs a GM-ODE solver (gm_ode2, gm_ode); "
-            f"--solver={args.solver} runs 1 substep"
+            f"--num_substeps={num_substeps} needs a GM-ODE solver (gm_ode_2, gm_ode); "
+            f"--solver={solver} runs 1 substep"
         )
-    w = args.guidance_scale
-    if not (math.isfinite(w) and 0.0 <= w < 1.0):
+    if w is None:
+        return
+    if row.is_gm and not 0.0 <= w < 1.0:
         raise ValueError(
-            f"--guidance_scale={w} must be in [0, 1) (probabilistic guidance; 0 disables it)"
+            f"--guidance_scale={w} must be in [0, 1) for --solver={solver} (probabilistic "
+            "guidance; 0 disables it; a CFG scale needs a baseline row such as euler)"
         )
-    if w > 0 and SOLVER_NAMES[args.solver][0] not in ("gm_ode", "gm_sde"):
+    if not row.is_gm and w < 0:
         raise ValueError(
-            f"--guidance_scale={w} needs a GM solver (gm_ode2, gm_sde2, gm_ode, gm_sde); "
-            f"--solver={args.solver} runs unguided only (--guidance_scale 0)"
+            f"--guidance_scale={w} must be >= 0 for --solver={solver} (CFG, active when > 1)"
         )
-    return args
+    guidance.check_guidance_scale(w, row.guidance)
 
 
 def load_pipeline(args: argparse.Namespace) -> GMFlowPipeline:
     """The model of `--checkpoint` / `--official` with its VAE (or `--vae`)."""
     if args.checkpoint is not None:
         return GMFlowPipeline.from_checkpoint(
-            args.checkpoint, config=args.config, vae=args.vae, dtype=args.dtype
+            args.checkpoint, step=args.step, config=args.config, vae=args.vae, dtype=args.dtype
         )
     dtype = args.dtype or "float32"
     models = load_official(
@@ -298,21 +354,55 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(f"--mesh={args.mesh!r}: {e}")
     split = batch_split(mesh)
-    batch_size = args.batch_size or sampling.DEFAULT_PER_DEVICE_BATCH * split
+    batch_size = args.batch_size or adm_export.DEFAULT_PER_DEVICE_BATCH * split
     if batch_size % split:
         parser.error(
             f"--batch_size={batch_size} must be divisible by the {split} data-parallel devices "
             f"(mesh data * fsdp over {jax.device_count()} devices)"
         )
     pipe = load_pipeline(args)
-    if not pipe.has_vae:
-        parser.error("the model has no VAE: pass --vae DIR (a converted or diffusers VAE folder)")
+    if not pipe.has_vae and not pipe.pixel_space:
+        parser.error(
+            "the model samples latents and has no VAE: pass --vae DIR (a converted or diffusers "
+            "VAE folder)"
+        )
+    if args.sweep and (pipe.pixel_space or pipe.mean_only):
+        parser.error(
+            "--sweep scores probabilistic guidance with the ImageNet Inception: it needs a latent "
+            "GM model; sample this model without --sweep"
+        )
+    if not args.sweep:
+        args.solver = args.solver or pipe.default_solver
+        if args.guidance_scale is None:
+            args.guidance_scale = pipe.default_guidance_scale(args.solver)
+        try:
+            check_row_args(args.solver, args.num_substeps, args.guidance_scale)
+            cfg = pipe.solver_config(
+                args.solver, args.num_steps, args.num_substeps, args.guidance_scale
+            )
+        except ValueError as e:
+            parser.error(str(e))
     model_kind, model_path = (
         ("checkpoint", args.checkpoint) if args.checkpoint else ("official", args.official)
     )
+    driver = pipe.sampling_driver(mesh, args.xla_options)
+
+    def make_sampler(cfg):
+        return adm_export.ShardedSampler(
+            driver,
+            cfg,
+            num_classes=pipe.config.num_classes,
+            latent_shape=pipe.latent_shape,
+            vae=pipe.vae_parts,
+            uint8_mode=args.uint8,
+            with_latents=args.save_latents,
+            compiler_options=args.xla_options,
+        )
+
     if args.sweep:
-        sampling.run_sweep(
-            pipe,
+        guidance_sweep.run_sweep(
+            pipe.solver_config,
+            make_sampler,
             mesh,
             out_dir=args.out_dir,
             inception=load_fid_inception(args.inception),
@@ -324,29 +414,23 @@ def main(argv: list[str] | None = None) -> int:
             num_samples=args.num_samples,
             batch_size=batch_size,
             seed=args.seed,
-            uint8_mode=args.uint8,
-            compiler_options=args.xla_options,
         )
         return 0
-    cfg = pipe.solver_config(args.solver, args.num_steps, args.num_substeps, args.guidance_scale)
-    sampler = sampling.ShardedSampler(
-        pipe,
-        cfg,
-        mesh,
-        uint8_mode=args.uint8,
-        with_latents=args.save_latents,
-        compiler_options=args.xla_options,
-    )
     settings = {
-        "model": {"kind": model_kind, "path": os.path.abspath(model_path)},
+        "model": {
+            "kind": model_kind,
+            "path": os.path.abspath(model_path),
+            # Why only when given: manifests of runs without --step stay as they were (resume).
+            **({} if args.step is None else {"step": args.step}),
+        },
         "vae": None if args.vae is None else os.path.abspath(args.vae),
         "dtype": pipe.config.compute_dtype.name,
         "solver": args.solver,
         "save_latents": bool(args.save_latents),
     }
     try:
-        sampling.generate_samples(
-            sampler,
+        adm_export.generate_samples(
+            make_sampler(cfg),
             args.out_dir,
             num_samples=args.num_samples,
             batch_size=batch_size,
@@ -355,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             settings=settings,
             merge=not args.no_merge,
         )
-    except sampling.OutDirError as e:
+    except adm_export.OutDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

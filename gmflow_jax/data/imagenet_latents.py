@@ -42,6 +42,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gmflow_jax.data.latents import LatentDataError
+
 LATENTS_FILE = "latents.npy"
 """Latents file name inside the prepared directory."""
 
@@ -110,10 +112,23 @@ class LatentData:
         return step * batch_size + process_index * local + np.arange(local)
 
     def _gather(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(latents float32, labels int32) of set indices `idx` (sorted reads from a memmap)."""
+        """(latents float32, labels int32) of set indices `idx` (sorted reads from a memmap).
+
+        A latent with a NaN or inf raises `LatentDataError` naming the file and the example index
+        (why not skip it: a skipped example silently changes the data; one check per batch, since
+        scanning the whole memory-mapped file at open would read all of it).
+        """
         order = np.argsort(idx)
         x = np.empty((idx.shape[0], *self.latents.shape[1:]), np.float32)
         x[order] = self.latents[idx[order]]
+        bad = np.flatnonzero(~np.isfinite(x.reshape(idx.shape[0], -1)).all(axis=1))
+        if bad.size:
+            values = x[bad[0]]
+            raise LatentDataError(
+                f"{os.path.join(self.source, LATENTS_FILE)}: example {int(idx[bad[0]])} has a "
+                f"non-finite latent ({int(np.isnan(values).sum())} NaN and "
+                f"{int(np.isinf(values).sum())} inf of {values.size} values)"
+            )
         return x, self.labels[idx].astype(np.int32)
 
     def batch(
@@ -174,9 +189,12 @@ def open_latents(
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{files[1]} must hold integer labels, got {labels.dtype}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"{files[1]} labels must lie in 0..{num_classes - 1}, got {labels.min()}..{labels.max()}"
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise LatentDataError(
+            f"{files[1]}: example {int(bad[0])} has label {int(labels[bad[0]])}; labels must lie in "
+            f"0..{num_classes - 1} ({num_classes} is the null label of classifier-free guidance, "
+            f"never a data label); {bad.size} labels are out of range"
         )
     return LatentData(latents, labels, source=os.path.abspath(path))
 

@@ -24,6 +24,13 @@ The loader (`latent_dataset`):
   a dict of numpy arrays `{"x0": [R, H, W, C] float32, "labels": [R] int32}` (+ `"ids"` [R] int64 with
   `include_ids`), R = len(rows).
 
+Bad data is never skipped: every decoded batch is checked, and a record whose label is outside
+[0, num_classes) (num_classes itself is the null label of classifier-free guidance, never a data
+label), whose latent has a NaN or inf, or whose example id is not its position in the index stops
+the run with a `LatentDataError` naming the shard file and the example id. A truncated or otherwise
+unreadable shard is named with its path (`open_latent_shards`, and again when a read fails later).
+`LatentShards.check_num_classes` compares the index's class count with the model's.
+
 The iterator (`make_iterator`, threads only: decoding is a copy, so worker processes do not pay) is a
 grain `DatasetIterator` whose state is `{"next_index": s}`, the next global step, identical on every
 process. It is saved with each checkpoint (`gmflow_jax.checkpoint`, item "data") and `seek(it, step)`
@@ -36,6 +43,8 @@ name                            what it is
 `write_shard`                   write records to an ArrayRecord file atomically (temp + rename)
 `write_index`, `read_index`     the directory's `index.json`
 `LatentShards`, `open_latent_shards`  the checked shard set of a directory
+`LatentDataError`               a damaged shard or a bad record, named by file and example id
+`LatentShards.check_num_classes`  the index's class count against the model's
 `latent_dataset`                grain MapDataset of this process's rows of each global batch
 `make_iterator`, `seek`         the checkpointable iterator from a step
 ==============================  ==================================================================
@@ -72,6 +81,10 @@ WRITER_OPTIONS = "group_size:1"
 """ArrayRecord writer options: one record per chunk, for random access."""
 
 
+class LatentDataError(ValueError):
+    """A shard that cannot be read, or a record that must not be trained on (message names both)."""
+
+
 def _dtype_name(dtype: Any) -> str:
     """The `DTYPES` name of `dtype`; ValueError for any other."""
     dtype = np.dtype(dtype)
@@ -89,19 +102,62 @@ def encode_record(latent: np.ndarray, label: int, example_id: int) -> bytes:
 
 
 def decode_record(
-    record: bytes, latent_shape: Sequence[int], dtype: Any
+    record: bytes,
+    latent_shape: Sequence[int],
+    dtype: Any,
+    *,
+    num_classes: int | None = None,
+    shard: str = "",
 ) -> tuple[np.ndarray, int, int]:
-    """(latent, label, example id) of one record; ValueError when its length does not match."""
+    """(latent, label, example id) of one record; `LatentDataError` when its length does not match.
+
+    With `num_classes`, the record is also checked (`check_example`): label in [0, num_classes),
+    latent finite. `shard` names the file in the errors.
+    """
     dtype = np.dtype(dtype)
     expected = RECORD_HEADER.size + int(np.prod(latent_shape)) * dtype.itemsize
     if len(record) != expected:
-        raise ValueError(
-            f"record has {len(record)} bytes, expected {expected} for a {tuple(latent_shape)} "
-            f"{dtype.name} latent"
+        where = f" in shard {shard}" if shard else ""
+        raise LatentDataError(
+            f"record{where} has {len(record)} bytes, expected {expected} for a "
+            f"{tuple(latent_shape)} {dtype.name} latent"
         )
     label, example_id = RECORD_HEADER.unpack_from(record)
     latent = np.frombuffer(record, dtype, offset=RECORD_HEADER.size).reshape(latent_shape)
+    if num_classes is not None:
+        check_example(latent, label, example_id, num_classes, shard)
     return latent, label, example_id
+
+
+def _label_error(label: int, example_id: int, num_classes: int, shard: str) -> LatentDataError:
+    """The error of an out-of-range label."""
+    return LatentDataError(
+        f"shard {shard}: example id {example_id} has label {label}; labels must lie in "
+        f"[0, {num_classes}) (num_classes={num_classes} from {INDEX_FILE}; {num_classes} is the "
+        "null label of classifier-free guidance, never a data label)"
+    )
+
+
+def _latent_error(latent: np.ndarray, example_id: int, shard: str) -> LatentDataError:
+    """The error of a latent with a NaN or inf."""
+    values = np.asarray(latent, np.float32)
+    return LatentDataError(
+        f"shard {shard}: example id {example_id} has a non-finite latent "
+        f"({int(np.isnan(values).sum())} NaN and {int(np.isinf(values).sum())} inf of "
+        f"{values.size} values); re-encode it with tools/prepare_imagenet_latents.py"
+    )
+
+
+def check_example(
+    latent: np.ndarray, label: int, example_id: int, num_classes: int, shard: str = ""
+) -> None:
+    """`LatentDataError` naming `shard` and `example_id` unless 0 <= label < num_classes and the
+    latent is finite (why: label num_classes would train as the unconditional class, a larger one
+    indexes past the class table, a NaN latent gives a NaN step)."""
+    if not 0 <= int(label) < num_classes:
+        raise _label_error(int(label), example_id, num_classes, shard)
+    if not np.isfinite(np.asarray(latent, np.float32)).all():
+        raise _latent_error(latent, example_id, shard)
 
 
 def write_shard(path: str, records: Sequence[bytes]) -> int:
@@ -162,9 +218,13 @@ def read_index(directory: str) -> dict[str, Any]:
             "`python tools/prepare_imagenet_latents.py --output_dir=<dir> ...`"
         )
     with open(path) as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT:
-        raise ValueError(f"{path} has format {index.get('format')!r}, expected {FORMAT!r}")
+        try:
+            index = json.load(f)
+        except ValueError as err:
+            raise LatentDataError(f"{path} is not valid JSON ({err})") from err
+    found = index.get("format") if isinstance(index, dict) else type(index).__name__
+    if found != FORMAT:
+        raise ValueError(f"{path} has format {found!r}, expected {FORMAT!r}")
     return index
 
 
@@ -180,11 +240,57 @@ class LatentShards:
     num_classes: int
     index: dict[str, Any]
 
+    def shard_of(self, record: int) -> str:
+        """Path of the shard holding global record `record` (= example id `record`)."""
+        firsts = [int(s["first_id"]) for s in self.index["shards"]]
+        return self.paths[int(np.searchsorted(firsts, int(record), side="right")) - 1]
 
-def open_latent_shards(directory: str) -> LatentShards:
-    """The shards listed in `directory/index.json`, checked to exist with the listed record counts."""
+    def check_num_classes(self, num_classes: int, field: str = "config.model.num_classes") -> None:
+        """`LatentDataError` naming both counts unless the index's num_classes equals the model's.
+
+        Why equality: with fewer model classes the data's labels reach past the class table (or
+        hit its null label, which then trains as the unconditional class); with more, evaluation
+        draws labels of classes that never occur in the data.
+        """
+        if int(num_classes) != self.num_classes:
+            raise LatentDataError(
+                f"{os.path.join(self.directory, INDEX_FILE)} has num_classes={self.num_classes}, "
+                f"but the model has {field}={int(num_classes)}; they must be equal (set {field}="
+                f"{self.num_classes} or prepare latents of {int(num_classes)} classes)"
+            )
+
+
+def _unreadable(path: str, err: BaseException) -> LatentDataError:
+    """The error of a shard file ArrayRecord cannot read (truncated, overwritten, not a shard)."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    detail = str(err).strip() or type(err).__name__
+    return LatentDataError(
+        f"shard {path} ({size} bytes) is truncated or damaged: ArrayRecord cannot read it "
+        f"({detail}); rerun tools/prepare_imagenet_latents.py after deleting it"
+    )
+
+
+def _count_records(path: str) -> int:
+    """Number of records of the ArrayRecord file `path`; `LatentDataError` naming it if unreadable."""
     from array_record.python.array_record_module import ArrayRecordReader
 
+    # Why RuntimeError: array_record's C++ reader reports every damage (short file, bad chunk,
+    # missing footer) as a RuntimeError, sometimes without a message.
+    try:
+        reader = ArrayRecordReader(path)
+        try:
+            return int(reader.num_records())
+        finally:
+            reader.close()
+    except RuntimeError as err:
+        raise _unreadable(path, err) from err
+
+
+def open_latent_shards(directory: str) -> LatentShards:
+    """The shards listed in `directory/index.json`, checked to exist with the listed record counts.
+
+    A truncated or damaged shard raises `LatentDataError` naming its path.
+    """
     index = read_index(directory)
     paths, first = [], 0
     for shard in index["shards"]:
@@ -193,11 +299,7 @@ def open_latent_shards(directory: str) -> LatentShards:
             raise FileNotFoundError(f"shard {path!r} listed in {INDEX_FILE} is missing")
         if shard["first_id"] != first:
             raise ValueError(f"shard {path!r} starts at id {shard['first_id']}, expected {first}")
-        reader = ArrayRecordReader(path)
-        try:
-            count = reader.num_records()
-        finally:
-            reader.close()
+        count = _count_records(path)
         if count != shard["num_records"]:
             raise ValueError(
                 f"shard {path!r} holds {count} records, {INDEX_FILE} says {shard['num_records']}"
@@ -231,9 +333,14 @@ class _ReadRows:
         include_ids: bool,
         out_dtype: np.dtype,
     ):
+        self.shards = shards
         self.paths = shards.paths
         self.latent_shape = shards.latent_shape
         self.dtype = shards.dtype
+        self.num_classes = shards.num_classes
+        self.record_size = (
+            RECORD_HEADER.size + int(np.prod(self.latent_shape)) * self.dtype.itemsize
+        )
         self.order = order
         self.global_batch_size = global_batch_size
         self.rows = rows
@@ -241,24 +348,62 @@ class _ReadRows:
         self.out_dtype = out_dtype
         self._source = None
 
+    def _read(self, keys: list[int]) -> list[bytes]:
+        """The records of global indices `keys`; `LatentDataError` naming a shard that fails."""
+        try:
+            if self._source is None:
+                self._source = grain.sources.ArrayRecordDataSource(list(self.paths))
+            return self._source.__getitems__(keys)
+        except RuntimeError as err:
+            # Why re-open: the data source reports damage without the file; find the first shard
+            # of this batch that does not read on its own and name it.
+            for path in dict.fromkeys(self.shards.shard_of(k) for k in keys):
+                _count_records(path)
+            shards = ", ".join(dict.fromkeys(self.shards.shard_of(k) for k in keys))
+            raise LatentDataError(
+                f"reading example ids {sorted(keys)[:8]} from shard(s) {shards} failed "
+                f"({str(err).strip() or type(err).__name__})"
+            ) from err
+
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        """Read and decode rows `self.rows` of global batch `step`."""
-        if self._source is None:
-            self._source = grain.sources.ArrayRecordDataSource(list(self.paths))
+        """Read, decode and check rows `self.rows` of global batch `step`."""
         base = int(step) * self.global_batch_size
-        keys = [self.order[base + int(r)] for r in self.rows]
-        records = self._source.__getitems__(keys)
+        keys = [int(self.order[base + int(r)]) for r in self.rows]
+        records = self._read(keys)
         n = len(keys)
         x0 = np.empty((n, *self.latent_shape), self.out_dtype)
-        labels = np.empty((n,), np.int32)
+        labels = np.empty((n,), np.int64)
         ids = np.empty((n,), np.int64)
         for i, record in enumerate(records):
+            if len(record) != self.record_size:  # decode again to raise, naming the shard
+                decode_record(
+                    record, self.latent_shape, self.dtype, shard=self.shards.shard_of(keys[i])
+                )
             latent, labels[i], ids[i] = decode_record(record, self.latent_shape, self.dtype)
             x0[i] = latent
-        batch = {"x0": x0, "labels": labels}
+        self._check(keys, x0, labels, ids)
+        batch = {"x0": x0, "labels": labels.astype(np.int32)}
         if self.include_ids:
             batch["ids"] = ids
         return batch
+
+    def _check(self, keys: list[int], x0: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
+        """`LatentDataError` for the first record with a bad id, label or latent (one vectorised
+        pass over the batch; why not skip: a skipped example silently changes the data)."""
+        bad_id = ids != np.asarray(keys, np.int64)
+        bad_label = (labels < 0) | (labels >= self.num_classes)
+        bad_latent = ~np.isfinite(x0.reshape(len(keys), -1)).all(axis=1)
+        bad = np.flatnonzero(bad_id | bad_label | bad_latent)
+        if bad.size == 0:
+            return
+        i = int(bad[0])
+        shard = self.shards.shard_of(keys[i])
+        if bad_id[i]:
+            raise LatentDataError(
+                f"shard {shard}: the record at position {keys[i]} of {INDEX_FILE}'s order holds "
+                f"example id {ids[i]}; the shards or their first_id entries are out of order"
+            )
+        check_example(x0[i], int(labels[i]), int(ids[i]), self.num_classes, shard)
 
 
 def _check_rows(rows: Any, global_batch_size: int) -> np.ndarray:

@@ -48,6 +48,7 @@ import functools
 import hashlib
 import json
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -56,7 +57,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gmflow_jax.atomic_file import write_npz_atomic
+from gmflow_jax.atomic_file import set_aside, write_npz_atomic
 from gmflow_jax.data.digits import (
     HELD_OUT_PER_CLASS,
     IMAGE_SIZES,
@@ -216,9 +217,21 @@ def classifier_cache_path(workdir: str, image_size: int, seed: int = 0) -> str:
 
 
 def _load_cached(path: str, config: dict[str, Any]) -> tuple[DigitsClassifier, float] | None:
-    """The classifier stored at path, or None when absent or stored for another configuration."""
+    """The classifier stored at path, or None when absent, stored for another configuration, or
+    damaged (then the file is set aside with a warning, `atomic_file.set_aside`, and rebuilt)."""
     if not os.path.exists(path):
         return None
+    try:
+        return _read_cache(path, config)
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        # Why these: a truncated or overwritten npz fails in zipfile (BadZipFile, EOFError, bad
+        # CRC), numpy's header parser (ValueError) or a missing member (KeyError).
+        set_aside(path, f"unreadable classifier cache: {type(err).__name__}: {err}")
+        return None
+
+
+def _read_cache(path: str, config: dict[str, Any]) -> tuple[DigitsClassifier, float] | None:
+    """The classifier stored at path, or None when stored for another configuration."""
     with np.load(path, allow_pickle=False) as stored:
         if "config" not in stored.files or str(stored["config"]) != _config_json(config):
             return None
@@ -230,6 +243,8 @@ def _load_cached(path: str, config: dict[str, Any]) -> tuple[DigitsClassifier, f
             if name not in stored.files or stored[name].shape != leaf.shape:
                 return None
             values.append(jnp.asarray(stored[name], leaf.dtype))
+        if not all(bool(jnp.isfinite(v).all()) for v in values):
+            raise ValueError("non-finite parameters")
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
         return model, float(stored["held_out_accuracy"])
 
@@ -241,7 +256,8 @@ def load_or_train_classifier(
 
     Returns (model, held-out accuracy). The cache file holds the parameters, the held-out accuracy
     and the configuration JSON; a file whose configuration or parameter shapes differ is ignored
-    and overwritten.
+    and overwritten; a damaged file is set aside as `<name>.damaged.<timestamp>` with a warning
+    and rebuilt.
     """
     seed = _check_seed(seed)
     if isinstance(image_size, bool) or image_size not in IMAGE_SIZES:

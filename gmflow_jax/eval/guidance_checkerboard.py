@@ -26,6 +26,8 @@ metric (key)                    what it measures
                                 the uniform's, CELL_SIZE / sqrt(6): < 1 means pulled toward the
                                 centre (mode-seeking), 1 for the exact class
 `nonfinite_rate`                fraction of samples with a NaN / inf coordinate
+`precision_per_class`,          lists [8]: precision and over-shoot rate of each requested class
+`overshoot_rate_per_class`      (nan for a class without samples): where the errors come from
 ==============================  ==================================================================
 
 Within-cell TV, coverage and concentration are conditional on landing in the requested cell, so they
@@ -177,7 +179,8 @@ def _box_distance(x: np.ndarray) -> np.ndarray:
 def guidance_metrics(samples, labels) -> dict[str, float]:
     """The metrics of the module docstring for samples [N, 2] drawn for requested classes [N].
 
-    Float64 numpy; `labels` are classes 0..7. Keys: `METRIC_NAMES` and `num_samples`.
+    Float64 numpy; `labels` are classes 0..7. Keys: `METRIC_NAMES` and `num_samples` (floats), and
+    the per-class lists `precision_per_class`, `overshoot_rate_per_class`.
     """
     x, y, finite = _prepare(samples, labels)
     u, inside = _cell_coordinates(x, y)
@@ -194,6 +197,7 @@ def guidance_metrics(samples, labels) -> dict[str, float]:
         concentration = rms / UNIFORM_RMS_RADIUS
     else:
         concentration = float("nan")  # no sample in its cell: no in-cell spread to compare
+    per_class = [y == c for c in range(NUM_WHITE_CELLS)]
     return {
         "precision": float(np.mean(inside)),
         "within_cell_tv": tv,
@@ -204,6 +208,12 @@ def guidance_metrics(samples, labels) -> dict[str, float]:
         "concentration": concentration,
         "nonfinite_rate": float(1.0 - np.mean(finite)),
         "num_samples": float(x.shape[0]),
+        "precision_per_class": [
+            float(np.mean(inside[m])) if m.any() else float("nan") for m in per_class
+        ],
+        "overshoot_rate_per_class": [
+            float(np.mean(beyond[m])) if m.any() else float("nan") for m in per_class
+        ],
     }
 
 

@@ -10,29 +10,40 @@ The official folder (a diffusers pipeline) holds `transformer/` and `spectrum_ne
 name                        what it is
 ==========================  =====================================================================
 `find_weights_file`         the weights file of a component folder (requested variant first)
-`read_safetensors`          every array of a safetensors file (or of the shards of an index)
-`read_json`                 a JSON file as a dict
 `read_component`            (config, state dict, weights path) of `root/<component>`
+`convert_transformer_component`, `convert_spectrum_component`
+                            a component's config and our float32 params (errors name the file)
+`vae_config_of`, `convert_vae_weights`
+                            the same for a diffusers VAE (config file, weights file)
 `is_official_folder`        whether a path is a raw diffusers GM-DiT folder
 `OfficialModels`            the GM-DiT, SpectrumMLP and VAE of an official pipeline
 `read_vae_folder`           a diffusers `vae/` folder converted in memory
 `read_official_folder`      a raw official folder converted in memory
 ==========================  =====================================================================
+
+Every file is read through `gmflow_jax.interop.folder_files`: errors name their file, and a
+sharded index's shard names must stay inside the component folder. A config or state dict that
+does not fit our networks is refused with a ValueError naming the file it came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file
 
+from gmflow_jax.interop.folder_files import (
+    INDEX_SUFFIX,
+    errors_name_file,
+    read_json,
+    read_safetensors,
+)
 from gmflow_jax.interop.key_table import (
     convert_spectrum_state_dict,
     convert_transformer_state_dict,
+    convert_vae_state_dict,
 )
 from gmflow_jax.interop.official_config import (
     gm_dit_config_from_official,
@@ -41,12 +52,7 @@ from gmflow_jax.interop.official_config import (
 from gmflow_jax.models.builder import gm_dit_from_params, spectrum_from_params
 from gmflow_jax.models.gm_dit import GMDiT
 from gmflow_jax.models.spectrum_mlp import SpectrumMLP
-from gmflow_jax.models.vae import (
-    AutoencoderKL,
-    VAEConfig,
-    convert_diffusers_state_dict,
-    vae_from_params,
-)
+from gmflow_jax.models.vae import AutoencoderKL, VAEConfig, vae_from_params
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 """Stem of the diffusers weights file (`<stem>[.<variant>].safetensors`)."""
@@ -67,35 +73,12 @@ def find_weights_file(folder: str, variant: str | None = None) -> str:
     tried = []
     for v in order:
         stem = WEIGHTS_NAME if v is None else f"{WEIGHTS_NAME}.{v}"
-        for name in (f"{stem}.safetensors", f"{stem}.safetensors.index.json"):
+        for name in (f"{stem}.safetensors", f"{stem}{INDEX_SUFFIX}"):
             tried.append(name)
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 return path
     raise FileNotFoundError(f"{folder!r} holds none of the weights files {tried}")
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All arrays of a safetensors file, or of every shard listed by a `.safetensors.index.json`."""
-    if not path.endswith(".index.json"):
-        return load_file(path)
-    with open(path) as f:
-        weight_map = json.load(f)["weight_map"]
-    out: dict[str, np.ndarray] = {}
-    for shard in sorted(set(weight_map.values())):
-        out.update(load_file(os.path.join(os.path.dirname(path), shard)))
-    missing = sorted(set(weight_map) - set(out))
-    if missing:
-        raise ValueError(f"{path!r} lists keys absent from its shards: {missing[:10]}")
-    return out
-
-
-def read_json(path: str) -> dict[str, Any]:
-    """A JSON file as a dict (FileNotFoundError naming the path when absent)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} does not exist")
-    with open(path) as f:
-        return json.load(f)
 
 
 def read_component(
@@ -106,6 +89,47 @@ def read_component(
     config = read_json(os.path.join(folder, "config.json"))
     weights = find_weights_file(folder, variant)
     return config, read_safetensors(weights), weights
+
+
+def vae_config_of(path: str, dtype: Any = "float32") -> VAEConfig:
+    """`VAEConfig` of a diffusers-style VAE config file at `path` (its errors name the file)."""
+    fields = read_json(path)
+    with errors_name_file(path):
+        config = VAEConfig.from_diffusers(fields)
+    return dataclasses.replace(config, dtype=dtype)  # our option: its errors are not the file's
+
+
+def convert_vae_weights(weights: str, config: VAEConfig) -> dict[str, np.ndarray]:
+    """Our float32 VAE params of a diffusers safetensors file (or index) at `weights`."""
+    state_dict = read_safetensors(weights)
+    with errors_name_file(weights):
+        return convert_vae_state_dict(state_dict, config)
+
+
+def convert_transformer_component(
+    root: str, variant: str | None, **overrides: Any
+) -> tuple[Any, dict[str, np.ndarray], str]:
+    """(`GMDiTConfig`, our float32 params, weights path) of `root/transformer`."""
+    config_dict, sd, weights = read_component(root, "transformer", variant)
+    with errors_name_file(os.path.join(root, "transformer", "config.json")):
+        config = gm_dit_config_from_official(config_dict)
+    config = dataclasses.replace(
+        config, **overrides
+    )  # our options: their errors are not the file's
+    with errors_name_file(weights):
+        return config, convert_transformer_state_dict(sd, config), weights
+
+
+def convert_spectrum_component(
+    root: str, variant: str | None
+) -> tuple[dict[str, list[int]], dict[str, np.ndarray], str]:
+    """(`{"base_size", "layers"}`, our float32 params, weights path) of `root/spectrum_net`."""
+    spec_dict, spec_sd, weights = read_component(root, "spectrum_net", variant)
+    with errors_name_file(os.path.join(root, "spectrum_net", "config.json")):
+        spec_cfg = spectrum_config_from_official(spec_dict)
+    with errors_name_file(weights):
+        params = convert_spectrum_state_dict(spec_sd, spec_cfg["base_size"], spec_cfg["layers"])
+    return spec_cfg, params, weights
 
 
 def is_official_folder(path: str) -> bool:
@@ -124,24 +148,23 @@ class OfficialModels:
 
 def read_vae_folder(folder: str, variant: str | None, dtype: Any) -> AutoencoderKL:
     """A diffusers `vae/` folder converted in memory (compute dtype `dtype`)."""
-    config = VAEConfig.from_diffusers(read_json(os.path.join(folder, "config.json")), dtype=dtype)
-    state_dict = read_safetensors(find_weights_file(folder, variant))
-    return vae_from_params(config, convert_diffusers_state_dict(state_dict, config))
+    config = vae_config_of(os.path.join(folder, "config.json"), dtype)
+    params = convert_vae_weights(find_weights_file(folder, variant), config)
+    return vae_from_params(config, params)
 
 
 def read_official_folder(
     root: str, variant: str | None, scan_blocks: bool, dtype: Any, with_vae: bool
 ) -> OfficialModels:
     """A raw official folder converted in memory (`dtype`: compute dtype of GM-DiT and VAE)."""
-    config_dict, sd, _ = read_component(root, "transformer", variant)
-    config = gm_dit_config_from_official(config_dict, scan_blocks=scan_blocks, dtype=dtype)
-    transformer = gm_dit_from_params(config, convert_transformer_state_dict(sd, config))
-    del sd
+    config, params, _ = convert_transformer_component(
+        root, variant, scan_blocks=scan_blocks, dtype=dtype
+    )
+    transformer = gm_dit_from_params(config, params)
+    del params
     spectrum = None
     if os.path.isdir(os.path.join(root, "spectrum_net")):
-        spec_dict, spec_sd, _ = read_component(root, "spectrum_net", variant)
-        spec_cfg = spectrum_config_from_official(spec_dict)
-        params = convert_spectrum_state_dict(spec_sd, spec_cfg["base_size"], spec_cfg["layers"])
+        spec_cfg, params, _ = convert_spectrum_component(root, variant)
         spectrum = spectrum_from_params(spec_cfg["base_size"], spec_cfg["layers"], params)
     vae = None
     if with_vae and os.path.isdir(os.path.join(root, "vae")):

@@ -1,8 +1,10 @@
-"""The one conversion table of the official GM-DiT checkpoint: official key -> our parameter path.
+"""The conversion tables of the official checkpoint: official key -> our parameter path.
 
 Reference: `docs/official-checkpoint.md` (every official key and shape), `docs/math.md` §6.1 (GM-DiT),
-§6.3 (SpectrumMLP). The VAE has its own table (`gmflow_jax.models.vae.convert_diffusers_state_dict`,
-§4.8).
+§6.3 (SpectrumMLP), §4.8 (the VAE). Two tables, both here: `KEY_TABLE` (GM-DiT and SpectrumMLP,
+one row per official key) and the VAE's rules by module name (`VAE_CONV_NAMES`, `VAE_NORM_NAMES`,
+`VAE_LINEAR_NAMES`; section "The VAE" below). Every converter checks every key, every shape and
+that every value is finite, and reports all problems at once in one ValueError.
 
 `KEY_TABLE` lists, for every official key (with `{i}` the block index 0..L-1), our parameter path
 (list-of-blocks layout) and the transform:
@@ -32,13 +34,39 @@ name                                what it is
 `convert_state_dict`                official state dict -> our flat float32 params (one component)
 `convert_transformer_state_dict`    official `transformer/` arrays -> `GMDiT` params
 `convert_spectrum_state_dict`       official `spectrum_net/` arrays -> `SpectrumMLP` params
+`map_vae_key`                       one diffusers VAE key and array -> our key and array
+`convert_vae_state_dict`            diffusers `AutoencoderKL` arrays -> `AutoencoderKL` params
 ==================================  ===========================================================
+
+The VAE (§4.8): parameter names mirror the diffusers module tree, so its table is by module name
+(a key is `<module path>.<module name>.<weight|bias>`):
+
+=============================================  ===========================  ===================================
+diffusers module name (last component)         ours                         weight transform
+=============================================  ===========================  ===================================
+`conv_in`, `conv_out`, `conv1`, `conv2`,       same name, `weight` ->       OIHW `(out, in, kh, kw)` ->
+`conv_shortcut`, `conv` (down/upsamplers),     `kernel`, `bias` -> `bias`   HWIO `(kh, kw, in, out)`
+`quant_conv`, `post_quant_conv`
+`norm1`, `norm2`, `conv_norm_out`,             same name, `weight` ->       none
+`group_norm` (mid-block attention)             `scale`, `bias` -> `bias`
+`to_q` or legacy `query`                       `to_q`, `weight` -> `kernel`  `(out, in)` -> `(in, out)`
+`to_k` or legacy `key`                         `to_k`                        same
+`to_v` or legacy `value`                       `to_v`                        same
+`to_out.0` or legacy `proj_attn`               `to_out`                      same
+=============================================  ===========================  ===================================
+
+Linear weights stored as 1x1 convs `(out, in, 1, 1)` (as in the original LDM checkpoints) are
+accepted too. The module path is kept as is (`encoder.down_blocks.{i}.resnets.{j}`,
+`.downsamplers.0`, `decoder.up_blocks.{i}.upsamplers.0`, `{en,de}coder.mid_block.resnets.{0,1}`,
+`.mid_block.attentions.0`), e.g. `encoder.mid_block.attentions.0.query.weight` ->
+`encoder.mid_block.attentions.0.to_q.kernel`. Arrays are converted to float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from flax import nnx
@@ -47,6 +75,7 @@ from gmflow_jax.models.embeddings import sincos_position_embedding_2d
 from gmflow_jax.models.flat_params import abstract_flat_params, stack_blocks
 from gmflow_jax.models.gm_dit import GMDiT, GMDiTConfig
 from gmflow_jax.models.spectrum_mlp import SpectrumMLP
+from gmflow_jax.models.vae import VAEConfig, abstract_vae_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,6 +272,23 @@ def expected_official_shapes(config: GMDiTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _non_finite_report(key: str, value: np.ndarray) -> str:
+    """`key` and how many of its values are NaN / infinite."""
+    return (
+        f"{key}: {int(np.isnan(value).sum())} NaN and {int(np.isinf(value).sum())} infinite of "
+        f"{value.size} values"
+    )
+
+
+def _raise_problems(title: str, groups: tuple[tuple[str, list[str]], ...]) -> None:
+    """Raise one ValueError listing every non-empty (heading, items) group, if any."""
+    problems = [
+        f"{len(items)} {heading}:\n  " + "\n  ".join(items) for heading, items in groups if items
+    ]
+    if problems:
+        raise ValueError(f"{title}:\n" + "\n".join(problems))
+
+
 def convert_state_dict(
     state_dict: Mapping[str, np.ndarray],
     component: str,
@@ -250,12 +296,15 @@ def convert_state_dict(
     num_layers: int,
     check_fixed: Callable[[str, np.ndarray], str | None],
 ) -> dict[str, np.ndarray]:
-    """Map an official state dict through the `component` rows of `KEY_TABLE` (list layout)."""
+    """Map an official state dict through the `component` rows of `KEY_TABLE` (list layout).
+
+    Raises ValueError listing every unmapped, mis-shaped, non-finite and missing key at once.
+    """
     rows = {
         official: (ours, rule) for official, ours, rule in expanded_rules(component, num_layers)
     }
     out: dict[str, np.ndarray] = {}
-    unmapped, shape_errors, fixed_errors = [], [], []
+    unmapped, shape_errors, fixed_errors, non_finite = [], [], [], []
     for key in sorted(state_dict):
         if key not in rows:
             unmapped.append(key)
@@ -275,25 +324,26 @@ def convert_state_dict(
                 f"expected {want}"
             )
             continue
-        out[ours] = np.ascontiguousarray(value.astype(np.float32))
+        value = np.ascontiguousarray(value.astype(np.float32))
+        if not np.isfinite(value).all():
+            non_finite.append(_non_finite_report(key, value))
+            continue
+        out[ours] = value
     missing = sorted(
         official
         for official, (_, rule) in rows.items()
         if not rule.optional and official not in state_dict
     )
-    problems = []
-    for title, items in (
-        ("unmapped keys (not in KEY_TABLE for this config)", unmapped),
-        ("shape mismatches", shape_errors),
-        ("fixed buffers that differ from ours", fixed_errors),
-        ("missing keys", missing),
-    ):
-        if items:
-            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
-    if problems:
-        raise ValueError(
-            f"official {component} state dict does not match its config:\n" + "\n".join(problems)
-        )
+    _raise_problems(
+        f"official {component} state dict does not match its config",
+        (
+            ("unmapped keys (not in KEY_TABLE for this config)", unmapped),
+            ("shape mismatches", shape_errors),
+            ("fixed buffers that differ from ours", fixed_errors),
+            ("arrays with non-finite values", non_finite),
+            ("missing keys", missing),
+        ),
+    )
     return out
 
 
@@ -330,3 +380,116 @@ def convert_spectrum_state_dict(
     abstract = abstract_flat_params(lambda: SpectrumMLP(base_size, layers, rngs=nnx.Rngs(0)))
     expected = {k: tuple(v.shape) for k, v in abstract.items()}
     return convert_state_dict(state_dict, "spectrum_net", expected, 0, lambda key, value: None)
+
+
+# --------------------------------------------------------------------------------------------
+# The VAE (§4.8): rules by diffusers module name (module docstring)
+# --------------------------------------------------------------------------------------------
+
+VAE_CONV_NAMES = frozenset(
+    {
+        "conv_in",
+        "conv_out",
+        "conv1",
+        "conv2",
+        "conv_shortcut",
+        "conv",
+        "quant_conv",
+        "post_quant_conv",
+    }
+)
+"""Diffusers VAE conv module names: OIHW weight -> HWIO kernel."""
+
+VAE_NORM_NAMES = frozenset({"norm1", "norm2", "conv_norm_out", "group_norm"})
+"""Diffusers VAE GroupNorm module names: weight -> scale."""
+
+VAE_LINEAR_NAMES = {
+    "to_q": "to_q",
+    "query": "to_q",
+    "to_k": "to_k",
+    "key": "to_k",
+    "to_v": "to_v",
+    "value": "to_v",
+    "to_out.0": "to_out",
+    "proj_attn": "to_out",
+}
+"""Diffusers VAE attention projection names (current and legacy) -> ours: `(out, in)` -> `(in, out)`."""
+
+
+def map_vae_key(key: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
+    """One diffusers VAE key and array -> (our key, transformed array), or None if not in the table."""
+    module, _, leaf = key.rpartition(".")
+    if leaf not in ("weight", "bias") or not module:
+        return None
+    if module.endswith(".to_out.0") or module == "to_out.0":
+        parent, name = module[: -len("to_out.0")].rstrip("."), "to_out.0"
+    else:
+        parent, _, name = module.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    if name in VAE_CONV_NAMES:
+        if leaf == "bias":
+            return f"{prefix}{name}.bias", value
+        if value.ndim != 4:
+            return f"{prefix}{name}.kernel", value  # rank mismatch surfaces as a shape error
+        return f"{prefix}{name}.kernel", np.transpose(value, (2, 3, 1, 0))
+    if name in VAE_NORM_NAMES:
+        return f"{prefix}{name}.{'scale' if leaf == 'weight' else 'bias'}", value
+    if name in VAE_LINEAR_NAMES:
+        ours = f"{prefix}{VAE_LINEAR_NAMES[name]}"
+        if leaf == "bias":
+            return f"{ours}.bias", value
+        if value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value[:, :, 0, 0]
+        return f"{ours}.kernel", value.T if value.ndim == 2 else value
+    return None
+
+
+def convert_vae_state_dict(
+    state_dict: Mapping[str, Any], config: VAEConfig
+) -> dict[str, np.ndarray]:
+    """Map a diffusers AutoencoderKL state dict (NCHW / torch layout) to our float32 parameters.
+
+    Raises ValueError listing every unmapped key, duplicate target (e.g. both `query` and `to_q`),
+    missing parameter, shape mismatch and non-finite array at once.
+    """
+    expected = abstract_vae_params(config)
+    out: dict[str, np.ndarray] = {}
+    source: dict[str, str] = {}  # our key -> the diffusers key that claimed it
+    unmapped, duplicates, unexpected, shape_errors, non_finite = [], [], [], [], []
+    for key in sorted(state_dict):
+        mapped = map_vae_key(key, np.asarray(state_dict[key]))
+        if mapped is None:
+            unmapped.append(key)
+            continue
+        ours, value = mapped
+        if ours in source:
+            duplicates.append(f"{key} and {source[ours]} -> {ours}")
+            continue
+        if ours not in expected:
+            unexpected.append(f"{key} -> {ours}")
+            continue
+        source[ours] = key
+        if tuple(value.shape) != tuple(expected[ours].shape):
+            shape_errors.append(
+                f"{key} {tuple(np.shape(state_dict[key]))} -> {ours} {tuple(value.shape)}, "
+                f"expected {tuple(expected[ours].shape)}"
+            )
+            continue
+        value = np.ascontiguousarray(value, dtype=np.float32)
+        if not np.isfinite(value).all():
+            non_finite.append(_non_finite_report(key, value))
+            continue
+        out[ours] = value
+    missing = sorted(set(expected) - set(source))
+    _raise_problems(
+        "diffusers VAE state dict does not match the config",
+        (
+            ("unmapped keys (not in the conversion table)", unmapped),
+            ("keys mapping to the same parameter", duplicates),
+            ("keys mapping to parameters this config does not have", unexpected),
+            ("shape mismatches", shape_errors),
+            ("arrays with non-finite values", non_finite),
+            ("missing parameters (no source key)", missing),
+        ),
+    )
+    return out

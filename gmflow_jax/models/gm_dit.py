@@ -42,8 +42,22 @@ name             axis
 "layers"         the stacked block axis (only with `scan_blocks=True`)
 ===============  ============================================================================
 
-Activations are constrained (only under a mesh with rules) as `("batch", "length", "embed")` for the
-residual stream and `("batch", "length", "mlp")` for the MLP hidden layer.
+Activations are constrained (only under a mesh with rules, `models.logical_axes.constrain`) over
+"batch" everywhere, so with the batch over data x fsdp no activation is ever summed across devices
+and the only collectives of a step are parameter all-gathers and gradient reductions:
+`("batch", "length", "embed")` for the residual stream, `("batch", "length", "mlp")` for the MLP
+hidden layer, `("batch", "freq" | "cond" | "embed")` for the conditioning path (the time MLP, c and
+SiLU(c)), `("batch", "modulation")` for every adaLN modulation, `("batch", "length", "head_out")`
+and `("batch", None, None, None)` for the head's projection and its unpatchified output, and
+`("batch", "logstd_mlp" | "logstd_out")` for the log-std head.
+
+Weights are used in the compute dtype: every linear casts its float32 parameters to `dtype` before
+the product (flax's `promote_dtype`), an elementwise op on the parameter's shard, so under FSDP the
+parameter all-gathers move bf16 (checked on the TPU compiler by `python -m gmflow_jax.aot`).
+
+Rematerialization (`remat`, `remat_policy`; `REMAT_POLICIES`): "full" recomputes the whole block in
+the backward pass, "save_linear_inputs" keeps its linears' bf16 inputs, "none" (or `remat=False`)
+keeps everything.
 
 Parameter names and conversion from the official diffusers checkpoint
 (`docs/official-checkpoint.md`): a torch Linear weight `(out, in)` becomes `kernel = weight.T`,
@@ -72,12 +86,12 @@ With `scan_blocks=True`, `blocks` is one `DiTBlock` whose parameters are stacked
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gmflow_jax.gm import GM
 from gmflow_jax.models.attention import self_attention
@@ -127,6 +141,30 @@ LOGICAL_AXIS_NAMES = (
 )
 """Every logical axis name used by GM-DiT parameters and activation constraints (see module doc)."""
 
+LINEAR_INPUT_NAMES = ("attn_in", "attn_context", "mlp_in", "mlp_hidden")
+"""`jax.ad_checkpoint.checkpoint_name` tags of the compute-dtype inputs of a block's linears: the
+modulated LayerNorm output into q/k/v, the attention context into the output projection, the
+modulated LayerNorm output into the MLP, the GELU output into the MLP's second linear."""
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "save_linear_inputs": jax.checkpoint_policies.save_only_these_names(*LINEAR_INPUT_NAMES),
+}
+"""What each block keeps for the backward pass (`GMDiTConfig.remat_policy`, used when `remat`):
+
+* "none": no rematerialization: every intermediate the backward pass needs is kept (attention
+  probabilities, q/k/v, the 4D-wide MLP activations): fastest, most memory;
+* "full": `nnx.remat` of the whole block with nothing saved inside it: only the block's float32
+  input (the scan carry) is kept and the block's forward is recomputed in the backward pass
+  (least memory; the behaviour of `remat=True` before the policy existed);
+* "save_linear_inputs": the block is rematerialized but its linears' compute-dtype (bf16) inputs
+  (`LINEAR_INPUT_NAMES`) are saved, so the backward pass recomputes the LayerNorms, q/k/v, the
+  attention and the MLP's first linear, but not the two output projections, whose weight
+  gradients read the saved inputs directly (memory between the two).
+
+The policy changes memory and recomputation only, never the function or its gradients."""
+
 _SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 _xavier = nnx.initializers.xavier_uniform()
@@ -150,6 +188,7 @@ class GMDiTConfig:
     mean_only: bool = False  # flow-matching baseline: output the mean velocity only
     dtype: Any = "float32"  # compute dtype (params are always float32)
     remat: bool = False  # rematerialize each block in the backward pass (nnx.remat)
+    remat_policy: str = "full"  # what a rematerialized block saves (REMAT_POLICIES); remat only
     scan_blocks: bool = False  # stack blocks (nnx.vmap) and run them with nnx.scan
 
     def __post_init__(self) -> None:
@@ -188,6 +227,11 @@ class GMDiTConfig:
             raise ValueError(
                 f"GMDiTConfig.num_gaussians must be 1 when mean_only=True, got {self.num_gaussians}"
             )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"GMDiTConfig.remat_policy must be one of {tuple(REMAT_POLICIES)}, "
+                f"got {self.remat_policy!r}"
+            )
         if jnp.dtype(self.dtype).name not in _SUPPORTED_DTYPES:
             raise ValueError(
                 f"GMDiTConfig.dtype must be one of {_SUPPORTED_DTYPES}, got {self.dtype!r}"
@@ -197,6 +241,11 @@ class GMDiTConfig:
     def compute_dtype(self) -> jnp.dtype:
         """The compute dtype as a numpy dtype."""
         return jnp.dtype(self.dtype)
+
+    @property
+    def effective_remat_policy(self) -> str:
+        """The policy the blocks run with: `remat_policy` when `remat`, else "none"."""
+        return self.remat_policy if self.remat else "none"
 
     @property
     def grid_size(self) -> int:
@@ -283,8 +332,9 @@ class TimestepEmbedder(nnx.Module):
     def __call__(self, t: Array) -> Array:
         """Embed raw times `t` `[B]` in [0, 1000] to `[B, D]` (in `dtype`)."""
         freq = timestep_embedding(t, TIME_FREQ_DIM, downscale_freq_shift=0.0)
-        h = self.linear_1(freq.astype(self.dtype))
-        return self.linear_2(jax.nn.silu(h))
+        freq = constrain(freq.astype(self.dtype), ("batch", "freq"))
+        h = constrain(self.linear_1(freq), ("batch", "cond"))
+        return constrain(self.linear_2(jax.nn.silu(h)), ("batch", "embed"))
 
 
 class DiTBlock(nnx.Module):
@@ -295,6 +345,7 @@ class DiTBlock(nnx.Module):
         d = config.hidden_size
         dt = config.compute_dtype
         self.num_heads = config.num_heads
+        self.dtype = dt
         self.adaln_modulation = _linear(d, 6 * d, ("embed", "modulation"), dt, rngs, zero=True)
         self.attn_q = _linear(d, d, ("embed", "heads"), dt, rngs)
         self.attn_k = _linear(d, d, ("embed", "heads"), dt, rngs)
@@ -307,21 +358,29 @@ class DiTBlock(nnx.Module):
         """Multi-head self-attention with scale 1/sqrt(head_dim); x `[B, N, D]`."""
         b, n, d = x.shape
         hd = d // self.num_heads
+        # Why the explicit casts: they are the casts the linears would do anyway (bit-identical),
+        # made visible so a remat policy can save these compute-dtype tensors by name.
+        x = checkpoint_name(x.astype(self.dtype), "attn_in")
         q = self.attn_q(x).reshape(b, n, self.num_heads, hd)
         k = self.attn_k(x).reshape(b, n, self.num_heads, hd)
         v = self.attn_v(x).reshape(b, n, self.num_heads, hd)
         o = self_attention(q, k, v)  # cuDNN fused attention where it applies (models/attention.py)
-        return self.attn_out(o.reshape(b, n, d))
+        o = checkpoint_name(o.reshape(b, n, d).astype(self.dtype), "attn_context")
+        return self.attn_out(o)
 
     def _mlp(self, x: Array) -> Array:
         """Linear(D, 4D) -> tanh-GELU -> Linear(4D, D)."""
+        x = checkpoint_name(x.astype(self.dtype), "mlp_in")
         h = jax.nn.gelu(self.mlp_in(x), approximate=True)
         h = constrain(h, ("batch", "length", "mlp"))
-        return self.mlp_out(h)
+        return self.mlp_out(checkpoint_name(h.astype(self.dtype), "mlp_hidden"))
 
     def __call__(self, h: Array, silu_c: Array) -> Array:
         """Update the float32 residual stream `h` `[B, N, D]` given SiLU(c) `[B, D]`."""
-        mod = self.adaln_modulation(silu_c)
+        # Why constrained: with SiLU(c) and the modulation split over the batch like the tokens, the
+        # (fsdp-sharded) modulation weight is gathered; left to propagation, XLA contracts over its
+        # sharded width instead and all-reduces the [B, 6D] modulation of the whole batch.
+        mod = constrain(self.adaln_modulation(silu_c), ("batch", "modulation"))
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
         x = _modulate(_layer_norm(h, ATTN_NORM_EPS), shift1, scale1)
         h = h + (gate1[:, None, :] * self._attention(x)).astype(jnp.float32)
@@ -405,9 +464,16 @@ class GMDiT(nnx.Module):
         return o.reshape(b, g * p, g * p, cfg.head_channels)
 
     def _run_blocks(self, h: Array, silu_c: Array) -> Array:
-        """Apply the blocks: a Python loop or nnx.scan over the stacked blocks; each maybe remat."""
+        """Apply the blocks: a Python loop or nnx.scan over the stacked blocks, each rematerialized
+        by `cfg.effective_remat_policy` (`REMAT_POLICIES`)."""
         cfg = self.config
-        block_fn = nnx.remat(_apply_block) if cfg.remat else _apply_block
+        policy = cfg.effective_remat_policy
+        if policy == "none":
+            block_fn = _apply_block
+        elif policy == "full":
+            block_fn = nnx.remat(_apply_block)  # no policy argument: exactly remat=True as before
+        else:
+            block_fn = nnx.remat(_apply_block, policy=REMAT_POLICIES[policy])
         if cfg.scan_blocks:
 
             @nnx.scan(
@@ -436,8 +502,11 @@ class GMDiT(nnx.Module):
         pos = sincos_position_embedding_2d(cfg.grid_size, cfg.grid_size, cfg.hidden_size)
         h = self.patch_embed(self._patchify(x.astype(dt))).astype(jnp.float32) + pos[None]
         h = constrain(h, ("batch", "length", "embed"))
+        # Why the conditioning path is constrained: c feeds every block's modulation; split over the
+        # batch like the tokens, its linears gather their weights instead of all-reducing [B, D].
         c = self.time_embed(t).astype(jnp.float32) + self.label_embed(y).astype(jnp.float32)
-        return self._run_blocks(h, jax.nn.silu(c)), c
+        c = constrain(c, ("batch", "embed"))
+        return self._run_blocks(h, constrain(jax.nn.silu(c), ("batch", "embed"))), c
 
     def head(self, h: Array, c: Array) -> GM | Array:
         """The final adaLN layer and the GM head (§6.1 steps 4-6): tokens `[B, N, D]` -> GM over u.
@@ -448,9 +517,11 @@ class GMDiT(nnx.Module):
         """
         cfg = self.config
         b = h.shape[0]
-        shift, scale = jnp.split(self.final_modulation(jax.nn.silu(c)), 2, axis=-1)
+        mod = constrain(self.final_modulation(jax.nn.silu(c)), ("batch", "modulation"))
+        shift, scale = jnp.split(mod, 2, axis=-1)
         h = _modulate(_layer_norm(h, FINAL_NORM_EPS), shift, scale)
-        o = self._unpatchify(self.final_proj(h).astype(jnp.float32))
+        o = constrain(self.final_proj(h), ("batch", "length", "head_out"))
+        o = constrain(self._unpatchify(o.astype(jnp.float32)), ("batch", None, None, None))
         if cfg.mean_only:
             return o
 
@@ -460,7 +531,8 @@ class GMDiT(nnx.Module):
         logits = o[..., k * ch :].reshape(b, *spatial, k, 1)
         logweights = jax.nn.log_softmax(logits, axis=-2)
         logstd_in = jax.nn.silu(jax.lax.stop_gradient(c))
-        lam = self.logstd_out(jax.nn.silu(self.logstd_hidden(logstd_in)))
+        hidden = constrain(self.logstd_hidden(logstd_in), ("batch", "logstd_mlp"))
+        lam = constrain(self.logstd_out(jax.nn.silu(hidden)), ("batch", "logstd_out"))
         logstds = lam.astype(jnp.float32).reshape(b, 1, 1, 1, 1)
         return GM(means=means, logweights=logweights, logstds=logstds)
 

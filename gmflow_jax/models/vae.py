@@ -13,7 +13,7 @@ object                                   role
 `AutoencoderKL.decode`                   latents / scaling factor -> image in about [-1, 1]
 `images_to_latents`, `latents_to_images` uint8 images <-> latents (§4.8 pre/post-processing)
 `pixels_from_uint8`, `pixels_to_uint8`   [0, 255] uint8 <-> [-1, 1] float
-`convert_diffusers_state_dict`           diffusers safetensors keys -> this module's parameters
+`abstract_vae_params`                    parameter shapes by dotted path (what converters fill)
 `vae_from_params`, `load_vae`            build a model holding converted parameters
 =======================================  ==========================================================
 
@@ -45,28 +45,9 @@ uint8 conversion (`pixels_to_uint8`): `floor(255 * clip((x + 1) / 2, 0, 1) + 0.5
 up on the [0, 1] image, as torchvision's `save_image` / `ToPILImage` do; `pixels_from_uint8` is
 `u / 127.5 - 1`, and the uint8 -> float -> uint8 round trip is the identity.
 
-Parameter names mirror the diffusers module tree; `convert_diffusers_state_dict` maps each key with
-this one table (a key is `<module path>.<module name>.<weight|bias>`):
-
-=============================================  ===========================  ===================================
-diffusers module name (last component)         this module                  weight transform
-=============================================  ===========================  ===================================
-`conv_in`, `conv_out`, `conv1`, `conv2`,       same name, `weight` ->       OIHW `(out, in, kh, kw)` ->
-`conv_shortcut`, `conv` (down/upsamplers),     `kernel`, `bias` -> `bias`   HWIO `(kh, kw, in, out)`
-`quant_conv`, `post_quant_conv`
-`norm1`, `norm2`, `conv_norm_out`,             same name, `weight` ->       none
-`group_norm` (mid-block attention)             `scale`, `bias` -> `bias`
-`to_q` or legacy `query`                       `to_q`, `weight` -> `kernel`  `(out, in)` -> `(in, out)`
-`to_k` or legacy `key`                         `to_k`                        same
-`to_v` or legacy `value`                       `to_v`                        same
-`to_out.0` or legacy `proj_attn`               `to_out`                      same
-=============================================  ===========================  ===================================
-
-Linear weights stored as 1x1 convs `(out, in, 1, 1)` (as in the original LDM checkpoints) are
-accepted too. The module path is kept as is (`encoder.down_blocks.{i}.resnets.{j}`,
-`.downsamplers.0`, `decoder.up_blocks.{i}.upsamplers.0`, `{en,de}coder.mid_block.resnets.{0,1}`,
-`.mid_block.attentions.0`), e.g. `encoder.mid_block.attentions.0.query.weight` ->
-`encoder.mid_block.attentions.0.to_q.kernel`. Arrays are converted to float32.
+Parameter names mirror the diffusers module tree (`encoder.down_blocks.0.resnets.0.conv1.kernel`);
+the diffusers key table that converts a diffusers state dict to them is
+`gmflow_jax.interop.key_table.convert_vae_state_dict`, with the other conversion tables.
 """
 
 from __future__ import annotations
@@ -577,32 +558,8 @@ def latents_to_images(vae: AutoencoderKL, latents: Array) -> Array:
 
 
 # --------------------------------------------------------------------------------------------
-# Parameters: conversion from diffusers and loading
+# Parameters: shapes and loading (the diffusers key table is in gmflow_jax.interop.key_table)
 # --------------------------------------------------------------------------------------------
-
-_CONV_NAMES = frozenset(
-    {
-        "conv_in",
-        "conv_out",
-        "conv1",
-        "conv2",
-        "conv_shortcut",
-        "conv",
-        "quant_conv",
-        "post_quant_conv",
-    }
-)
-_NORM_NAMES = frozenset({"norm1", "norm2", "conv_norm_out", "group_norm"})
-_LINEAR_NAMES = {
-    "to_q": "to_q",
-    "query": "to_q",
-    "to_k": "to_k",
-    "key": "to_k",
-    "to_v": "to_v",
-    "value": "to_v",
-    "to_out.0": "to_out",
-    "proj_attn": "to_out",
-}
 
 
 def _abstract_model(config: VAEConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -626,86 +583,8 @@ def count_vae_params(config: VAEConfig) -> int:
     return sum(math.prod(v.shape) for v in abstract_vae_params(config).values())
 
 
-def _map_key(key: str, value: np.ndarray) -> tuple[str, np.ndarray] | None:
-    """One diffusers key and array -> (our key, transformed array), or None if not in the table."""
-    module, _, leaf = key.rpartition(".")
-    if leaf not in ("weight", "bias") or not module:
-        return None
-    if module.endswith(".to_out.0") or module == "to_out.0":
-        parent, name = module[: -len("to_out.0")].rstrip("."), "to_out.0"
-    else:
-        parent, _, name = module.rpartition(".")
-    prefix = f"{parent}." if parent else ""
-    if name in _CONV_NAMES:
-        if leaf == "bias":
-            return f"{prefix}{name}.bias", value
-        if value.ndim != 4:
-            return f"{prefix}{name}.kernel", value  # rank mismatch surfaces as a shape error
-        return f"{prefix}{name}.kernel", np.transpose(value, (2, 3, 1, 0))
-    if name in _NORM_NAMES:
-        return f"{prefix}{name}.{'scale' if leaf == 'weight' else 'bias'}", value
-    if name in _LINEAR_NAMES:
-        ours = f"{prefix}{_LINEAR_NAMES[name]}"
-        if leaf == "bias":
-            return f"{ours}.bias", value
-        if value.ndim == 4 and value.shape[2:] == (1, 1):
-            value = value[:, :, 0, 0]
-        return f"{ours}.kernel", value.T if value.ndim == 2 else value
-    return None
-
-
-def convert_diffusers_state_dict(
-    state_dict: Mapping[str, np.ndarray], config: VAEConfig
-) -> dict[str, np.ndarray]:
-    """Map a diffusers AutoencoderKL state dict (NCHW / torch layout) to our float32 parameters.
-
-    Raises ValueError listing every unmapped key, duplicate target (e.g. both `query` and `to_q`),
-    missing parameter and shape mismatch at once.
-    """
-    expected = abstract_vae_params(config)
-    out: dict[str, np.ndarray] = {}
-    source: dict[str, str] = {}  # our key -> the diffusers key that claimed it
-    unmapped, duplicates, unexpected, shape_errors = [], [], [], []
-    for key in sorted(state_dict):
-        mapped = _map_key(key, np.asarray(state_dict[key]))
-        if mapped is None:
-            unmapped.append(key)
-            continue
-        ours, value = mapped
-        if ours in source:
-            duplicates.append(f"{key} and {source[ours]} -> {ours}")
-            continue
-        if ours not in expected:
-            unexpected.append(f"{key} -> {ours}")
-            continue
-        source[ours] = key
-        if tuple(value.shape) != tuple(expected[ours].shape):
-            shape_errors.append(
-                f"{key} {tuple(np.shape(state_dict[key]))} -> {ours} {tuple(value.shape)}, "
-                f"expected {tuple(expected[ours].shape)}"
-            )
-            continue
-        out[ours] = np.ascontiguousarray(value, dtype=np.float32)
-    missing = sorted(set(expected) - set(source))
-    problems = []
-    for title, items in (
-        ("unmapped keys (not in the conversion table)", unmapped),
-        ("keys mapping to the same parameter", duplicates),
-        ("keys mapping to parameters this config does not have", unexpected),
-        ("shape mismatches", shape_errors),
-        ("missing parameters (no source key)", missing),
-    ):
-        if items:
-            problems.append(f"{len(items)} {title}:\n  " + "\n  ".join(items))
-    if problems:
-        raise ValueError(
-            "diffusers VAE state dict does not match the config:\n" + "\n".join(problems)
-        )
-    return out
-
-
 def vae_from_params(config: VAEConfig, params: Mapping[str, Any]) -> AutoencoderKL:
-    """Build an `AutoencoderKL` holding `params` (flat dotted keys, as `convert_diffusers_state_dict`)."""
+    """Build an `AutoencoderKL` holding `params` (flat dotted keys, as `interop.key_table` converts)."""
     graphdef, state = _abstract_model(config)
     expected = _flat_params(state)
     missing = sorted(set(expected) - set(params))

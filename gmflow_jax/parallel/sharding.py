@@ -69,9 +69,16 @@ DEFAULT_ACTIVATION_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("embed", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("cond", "tensor"),
+    ("logstd_mlp", "tensor"),
+    ("modulation", None),
+    ("freq", None),
+    ("head_out", None),
+    ("logstd_out", None),
 )
-"""Activation rules: batch over ("data", "fsdp"), the MLP hidden width over "tensor", the residual
-stream's width replicated (it is all-gathered from the fsdp-sharded weights)."""
+"""Activation rules: batch over ("data", "fsdp") for every activation (tokens, the conditioning
+path, the modulations, the head), the hidden widths of the MLPs over "tensor" (Megatron-style), every
+other width replicated (the residual stream's is all-gathered from the fsdp-sharded weights)."""
 
 DEFAULT_MIN_FSDP_SIZE = 4096
 """Leaves with fewer elements are not split over "fsdp" by the fallback rule (step 3 above)."""

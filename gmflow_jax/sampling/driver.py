@@ -21,7 +21,8 @@ split, so every chunk has one shape (one compile) and divides over the devices. 
 partitionable threefry the padding rows do not change the random draws of the real rows.
 
 The default mesh is one "data" axis over this process's devices
-(`gmflow_jax.parallel.mesh.make_mesh`).
+(`gmflow_jax.parallel.mesh.make_mesh`). `lower_chunk` lowers the same chunk program from abstract
+arguments, for ahead-of-time compiles (`gmflow_jax.aot`).
 """
 
 from __future__ import annotations
@@ -116,6 +117,46 @@ def _jitted(compiler_options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]
     )
 
 
+def _options_key(compiler_options: Mapping[str, Any] | None) -> tuple[tuple[str, Any], ...]:
+    """Hashable form of XLA compiler options (the `_jitted` cache key)."""
+    return tuple(sorted((compiler_options or {}).items()))
+
+
+def _program_spec(
+    denoiser: Any, spectrum: Any, cfg: solvers.SolverConfig, mesh: Mesh, per_sample_keys: bool
+) -> _Program:
+    """The static program of `cfg` (the spectrum seam only when it is used: one compile)."""
+    if cfg.spectral and spectrum is None:
+        raise ValueError("spectral=True needs a spectrum network, and the driver has none")
+    return _Program(denoiser, spectrum if cfg.spectral else None, cfg, mesh, per_sample_keys)
+
+
+def lower_chunk(
+    denoiser: Callable[..., Any],
+    spectrum: Callable[..., Array] | None,
+    cfg: solvers.SolverConfig,
+    mesh: Mesh,
+    params: Any,
+    noise: Any,
+    labels: Any,
+    key: Any,
+    guidance_scale: Any = None,
+    *,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> jax.stages.Lowered:
+    """The chunk program that `SamplingDriver.run_chunk` runs, lowered for an AOT compile.
+
+    The arguments are what `run_chunk` passes, as arrays or `jax.ShapeDtypeStruct`s with their
+    shardings (parameters replicated, `noise` [B, ...] / `labels` [B] / per-sample keys [B, 2]
+    batch-sharded, one key [2] or the scale [] replicated): e.g. `aot.compile_sampler` lowers it
+    for a TPU topology without allocating parameters. `guidance_scale` is the traced w of a guided
+    `cfg` (None unguided). `.compile()` the result.
+    """
+    spec = _program_spec(denoiser, spectrum, cfg, mesh, len(key.shape) == 2)
+    program = _jitted(_options_key(compiler_options))
+    return program.lower(spec, params, noise, labels, key, guidance_scale)
+
+
 class SamplingDriver:
     """A denoiser (+ optional spectrum net) with its parameters placed on a mesh, ready to sample.
 
@@ -138,14 +179,11 @@ class SamplingDriver:
         self.spectrum = spectrum
         self.mesh = local_mesh() if mesh is None else mesh
         self.params = replicate_tree(params, self.mesh)
-        self._run = _jitted(tuple(sorted((compiler_options or {}).items())))
+        self._run = _jitted(_options_key(compiler_options))
 
     def _spec(self, cfg: solvers.SolverConfig, per_sample_keys: bool) -> _Program:
         """The static program of `cfg` (the spectrum seam only when it is used: one compile)."""
-        if cfg.spectral and self.spectrum is None:
-            raise ValueError("spectral=True needs a spectrum network, and the driver has none")
-        spectrum = self.spectrum if cfg.spectral else None
-        return _Program(self.denoiser, spectrum, cfg, self.mesh, per_sample_keys)
+        return _program_spec(self.denoiser, self.spectrum, cfg, self.mesh, per_sample_keys)
 
     def _scale(self, cfg: solvers.SolverConfig, guidance_scale: float | None) -> Array | None:
         """The traced scale of a guided cfg (None unguided: the static cfg scale, unused)."""

@@ -17,7 +17,7 @@ from gmflow_jax.constants import NUM_TIMESTEPS
 from gmflow_jax.gm import GM
 from gmflow_jax.solvers import steps
 from gmflow_jax.solvers.config import SolverConfig
-from gmflow_jax.solvers.network_call import evaluate_denoiser, lift_params
+from gmflow_jax.solvers.network_call import evaluate_denoiser
 from gmflow_jax.solvers.second_order import empty_second_order_state, gm_second_order
 
 
@@ -81,7 +81,7 @@ def gm_sample_loop(denoiser, params, key, noise, labels, cfg: SolverConfig, scal
             x_new = steps.euler_step(x, x0_hat, sigma, sigma_to)
         else:
             if cfg.spectral:
-                psi = spectrum(lift_params(params), gaussian[0], gaussian[1]).astype(jnp.float32)
+                psi = spectrum(params, gaussian[0], gaussian[1]).astype(jnp.float32)
                 x0_hat = transport.spectral_gm_sample(k_sample, gm, psi)
             else:
                 x0_hat = gmlib.gm_sample(k_sample, gm)

@@ -1,8 +1,10 @@
-"""The network call inside a sampler scan: params re-bound, float32 outputs, the guided 2B batch.
+"""The network call inside a sampler scan: float32 outputs, the guided 2B batch.
 
 Both sampler loops (`gm_loop`, `baseline_loop`) call the denoiser through `evaluate_denoiser`: one
 call per outer step, on `[x; x]` with labels `[null; labels]` when guidance is active (docs/math.md
-§5.2 step 2.1, §5.9).
+§5.2 step 2.1, §5.9). Re-binding the closed-over parameters inside the scan (for NNX's own
+`nnx.scan` over stacked blocks) is the network wrapper's job: `models.denoiser.DenoiserFn` and
+`SpectrumFn` lift their state (`models.denoiser.lift`) on every call.
 """
 
 from __future__ import annotations
@@ -18,21 +20,8 @@ def as_f32(tree):
     return jax.tree_util.tree_map(lambda a: jnp.asarray(a).astype(jnp.float32), tree)
 
 
-def lift_params(params):
-    """Re-bind closed-over params inside the current trace (a no-op for XLA).
-
-    The network runs inside `lax.scan` bodies and `jax.eval_shape`; NNX's own `nnx.scan` over stacked
-    blocks refuses variables holding tracers of an outer trace, so the params enter each inner trace
-    through one element-wise op.
-    """
-    return jax.tree_util.tree_map(
-        lambda a: a + jnp.zeros((), a.dtype) if jnp.issubdtype(a.dtype, jnp.inexact) else a, params
-    )
-
-
 def evaluate_denoiser(denoiser, params, x, t, labels, cfg: SolverConfig):
     """Network call at scalar time t; returns (cond output, uncond output or None), float32."""
-    params = lift_params(params)
     batch = x.shape[0]
     t_batch = jnp.full((batch,), t, jnp.float32)
     if not cfg.guided:

@@ -11,6 +11,10 @@ with CFG for the K = 1 mean-only model; see `tasks.image`), every NFE and every 
 the real digits'). Written to the workdir: `metrics.json` (atomic), a PNG grid (atomic; one panel per
 setting, one row per class inside a panel), and a printed table.
 
+During training (`config.eval.every_steps`, `evaluate_during_training`): the first (row, w) at the
+largest NFE on `config.eval.periodic_samples` class-major images, the evaluator's metrics and a
+class-major sample grid (one row per digit).
+
 ==============================  =================================================================
 name                            what it is
 ==============================  =================================================================
@@ -46,12 +50,16 @@ from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import batch_streams
 from gmflow_jax.solvers.config import canonical_sampler
 from gmflow_jax.tasks.image import ImageTask
+from gmflow_jax.train.summaries import image_grid
 from gmflow_jax.train.task import BatchLayout
 
 Array = jax.Array
 
 TABLE_COLUMNS = ("accuracy", "fd", "mean_abs", "frac_saturated", "nonfinite_rate")
 """Metrics shown in the printed table (all of them go to metrics.json)."""
+
+PERIODIC_GRID_PX = 32
+"""Digits of the evaluation during training are upscaled to at least this many pixels a side."""
 
 
 def class_labels(num_classes: int, per_class: int) -> np.ndarray:
@@ -76,6 +84,7 @@ class DigitsTask(ImageTask):
                 f"{mc.sample_size}, in_channels={mc.in_channels}, num_classes={mc.num_classes}"
             )
         self.data = load_digits(size)
+        self._periodic_evaluator: DigitsEvaluator | None = None
 
     def data_iterator(self, layout: BatchLayout) -> None:
         """None: batch s is a pure function of (data key, s)."""
@@ -177,3 +186,27 @@ class DigitsTask(ImageTask):
         print(table, flush=True)
         payload["table"] = table
         return payload
+
+    def evaluate_during_training(
+        self, workdir: str, graphdef: nnx.GraphDef, ema_params: Any, step: int
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """The first (row, w) at the largest NFE on `eval.periodic_samples` images (class-major, the
+        final sweep's noise key): the evaluator's metrics and a grid with one row per digit."""
+        if self._periodic_evaluator is None:  # trains and caches the classifier on first use
+            self._periodic_evaluator = self.evaluator(workdir)
+        rows, nfes, scales = self.row_names()
+        per_class = max(2, int(self.config.eval.periodic_samples) // NUM_CLASSES)
+        denoiser, spectrum = self.seams(nnx.merge(graphdef, ema_params))
+        key = jax.random.split(self.keys["eval"], 2)[0]  # as `ImageTask.sweep`'s
+        images, labels, _ = self.sample_setting(
+            denoiser, spectrum, ema_params, rows[0], max(nfes), scales[0], key, per_class
+        )
+        metrics = self._periodic_evaluator.evaluate(images, labels)
+        scalars = {k: v for k, v in metrics.items() if not k.startswith("real_")}
+        scalars.pop("num_images", None)
+        shown = min(per_class, int(self.config.eval.grid_per_class))
+        s = self.data.image_size
+        grid = images.reshape(NUM_CLASSES, per_class, s, s, 1)[:, :shown]
+        up = max(1, PERIODIC_GRID_PX // s)
+        grid = np.nan_to_num(grid, nan=0.0).repeat(up, axis=2).repeat(up, axis=3)
+        return scalars, image_grid(grid.reshape(-1, s * up, s * up, 1), ncols=shown)

@@ -15,6 +15,10 @@ statistics next to the data's (mean, std, non-finite rate), the first `config.ev
 latents of each setting in `samples.npz`, and `metrics.json` (both atomic). FID / IS / precision-recall
 need the VAE decoder and the Inception network (`gmflow_jax.eval.inception`) and are computed from
 saved samples by the evaluation tools, not here.
+
+During training (`config.eval.every_steps`, `evaluate_during_training`): the first (row, w) at the
+largest NFE on `config.eval.periodic_samples` latents, their statistics, and the channels of the first
+few latents as a grey-scale grid (one row per latent, one column per channel; no VAE decode).
 """
 
 from __future__ import annotations
@@ -40,8 +44,11 @@ from gmflow_jax.data.imagenet_latents import (
     open_latents,
     synthetic_latents,
 )
-from gmflow_jax.eval.sweep import Setting, format_table, write_metrics
+from gmflow_jax.eval.sweep import Setting, format_table, sweep_settings, write_metrics
+from gmflow_jax.sampling.driver import SamplingDriver, local_mesh
+from gmflow_jax.sampling.streams import batch_streams
 from gmflow_jax.tasks.image import ImageTask
+from gmflow_jax.train.summaries import image_grid
 from gmflow_jax.train.task import BatchLayout
 
 Array = jax.Array
@@ -54,6 +61,12 @@ REFERENCE_EXAMPLES = 10_000
 
 TABLE_COLUMNS = ("mean", "std", "nonfinite_rate")
 """Latent statistics shown in the printed table (all of them go to metrics.json)."""
+
+PERIODIC_GRID_LATENTS = 8
+"""Latents shown (one row of channels each) by the evaluation during training."""
+
+PERIODIC_GRID_RANGE = 3.0
+"""Latent values in [-3, 3] map to black..white in that grid (clipped beyond)."""
 
 
 def eval_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -93,6 +106,7 @@ class ImageNetLatentsTask(ImageTask):
             )
         elif d.path and os.path.isfile(os.path.join(d.path, shards_lib.INDEX_FILE)):
             self.shards = shards_lib.open_latent_shards(d.path)
+            self.shards.check_num_classes(num_classes)
             if tuple(self.shards.latent_shape) != self.image_shape:
                 raise ValueError(
                     f"latents in {d.path!r} have shape {tuple(self.shards.latent_shape)}, the "
@@ -149,8 +163,11 @@ class ImageNetLatentsTask(ImageTask):
 
     def reference_latents(self, n: int) -> np.ndarray:
         """Up to `n` data latents (the first training batches) for reference statistics."""
+        b = int(self.config.train.batch_size)
+        # The whole global batch in this process (evaluation runs single-process).
+        layout = BatchLayout(local_mesh(), b, np.arange(b))
         chunks, count = [], 0
-        for batch in self.batches(0):
+        for batch in self.batches(0, layout):
             chunks.append(np.asarray(batch["x0"], np.float32))
             count += chunks[-1].shape[0]
             if count >= min(n, self.num_examples):
@@ -197,3 +214,27 @@ class ImageNetLatentsTask(ImageTask):
         print(table, flush=True)
         payload["table"] = table
         return payload
+
+    def evaluate_during_training(
+        self, workdir: str, graphdef: nnx.GraphDef, ema_params: Any, step: int
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """The first (row, w) at the largest NFE on `eval.periodic_samples` latents (labels as
+        `evaluate`'s, the final sweep's noise key): latent statistics and the channel grid."""
+        rows, nfes, scales = self.row_names()
+        (setting,) = sweep_settings([rows[0]], [max(nfes)], [scales[0]], self.solver_config)
+        n = int(self.config.eval.periodic_samples)
+        labels = eval_labels(n, self.model_config.num_classes)
+        key = jax.random.split(self.keys["eval"], 2)[0]  # as `ImageTask.sweep`'s
+        streams = batch_streams(key, n, int(self.config.sample.batch_size), self.image_shape)
+        denoiser, spectrum = self.seams(nnx.merge(graphdef, ema_params))
+        driver = SamplingDriver(denoiser, ema_params, spectrum)
+        scale = setting.w if setting.cfg.guided else None
+        x = driver.sample(setting.cfg, streams, n, labels, scale)
+        shown = x[:PERIODIC_GRID_LATENTS]  # [k, H, W, C] -> one tile per (latent, channel)
+        k, h, w, c = shown.shape
+        tiles = np.nan_to_num(
+            shown.transpose(0, 3, 1, 2).reshape(k * c, h, w, 1) / PERIODIC_GRID_RANGE
+        )
+        up = max(1, 64 // h)
+        tiles = tiles.repeat(up, axis=1).repeat(up, axis=2)
+        return latent_statistics(x), image_grid(tiles, ncols=c)

@@ -16,9 +16,15 @@
    iterator), else `config.checkpoint.restore_from` weights, else fresh; a restore lands on this
    run's mesh whatever the device count of the run that saved it;
 5. per step: the jitted step, the metrics to `reporting.TrainReporter` (a host sync only every
-   `log_every` steps), a checkpoint every `checkpoint.every_steps`, and the preemption poll: on
-   SIGTERM (single process) or JAX's agreed preemption step (several processes) the step is saved,
-   pending saves are committed, and `info["preempted"]` is True (the run exits 0; rerunning resumes).
+   `log_every` steps, plus one after the first step: the compile time, reported once and kept out
+   of the rates; one progress line with steps/s, images/s, MFU for GM-DiT, ETA), a checkpoint every
+   `checkpoint.every_steps`, and the preemption poll: on SIGTERM (single process) or JAX's agreed
+   preemption step (several processes) the step is saved, pending saves are committed, and
+   `info["preempted"]` is True (the run exits 0; rerunning resumes);
+6. seeing the run: `config.profile` traces a few steps into `workdir/profile`
+   (`profiling.StepProfiler`); `config.eval.every_steps` > 0 runs the task's small evaluation
+   (`Task.evaluate_during_training`) on the EMA parameters every that many steps, its scalars and
+   sample image going to TensorBoard (`eval/...`); both are kept out of the step rate.
 
 Random streams: `task.run_keys(config.seed)` gives independent keys for model init, training (step i
 uses fold_in(key, i)), data and evaluation; a resumed run therefore continues bit for bit.
@@ -34,10 +40,11 @@ from typing import Any
 import jax
 import ml_collections
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from gmflow_jax.checkpoint import Checkpointer, restore_or_init
 from gmflow_jax.data.latents import seek
-from gmflow_jax.models.builder import build_model
+from gmflow_jax.models.builder import build_model, gm_dit_config_from
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.parallel.distributed import start_distributed
 from gmflow_jax.parallel.mesh import make_mesh, mesh_shape
@@ -49,7 +56,9 @@ from gmflow_jax.parallel.sharding import (
     global_batch,
     process_rows,
 )
+from gmflow_jax.train.flops import devices_peak_flops, gm_dit_train_flops
 from gmflow_jax.train.optimizer import make_adamw
+from gmflow_jax.train.profiling import ProfileSettings, StepProfiler, profile_settings
 from gmflow_jax.train.reporting import TrainReporter, read_train_log, record_session
 from gmflow_jax.train.state import TrainState
 from gmflow_jax.train.step import (
@@ -74,6 +83,22 @@ def run_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     return make_mesh(config.get("mesh"))
 
 
+def periodic_eval_every(config: ml_collections.ConfigDict) -> int:
+    """`config.eval.every_steps` (0 or absent: no evaluation during training), checked."""
+    every = config.eval.get("every_steps", 0) if "eval" in config else 0
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f"config.eval.every_steps must be an int >= 0 (0 = off), got {every!r}")
+    return every
+
+
+def model_flops_per_step(model_cfg: ml_collections.ConfigDict, batch_size: int) -> float | None:
+    """Model FLOPs of one train step on the global batch: the GM-DiT formula (`train.flops`), or
+    None for other networks (no MFU is reported for them)."""
+    if model_cfg.get("name") != "gm_dit":
+        return None
+    return gm_dit_train_flops(gm_dit_config_from(model_cfg), batch_size)
+
+
 def _to_global(batch: Batch, layout: BatchLayout) -> dict[str, jax.Array]:
     """The model's entries of a task batch as global arrays on the mesh (see `Task.batches`)."""
     model_batch = {k: batch[k] for k in MODEL_BATCH_KEYS if k in batch}
@@ -93,9 +118,11 @@ def train(
     """Train (or resume) in `workdir`; returns (graphdef, final state, info).
 
     `info`: steps, start_step, resumed (how the state was obtained), mesh (axis sizes), preempted,
-    wall_time_s of this invocation and, when steps ran, it_per_s (steady state: the first logging
-    interval, which compiles, is excluded) and final_loss; `sessions` lists every invocation that
-    trained in this workdir (kept in `train_log.json`) and `train_wall_time_s` sums their wall times.
+    wall_time_s of this invocation and, when steps ran, it_per_s (steady-state steps/s from the end
+    of the first step: compilation, periodic evaluation and tracing excluded), compile_s (up to the
+    end of the first step), final_loss and, for GM-DiT, mfu (None when the device's peak is
+    unknown, e.g. on CPU); `sessions` lists every invocation that trained in this workdir (kept in
+    `train_log.json`) and `train_wall_time_s` sums their wall times.
     Files (TensorBoard, train_log.json, the task's workdir files) are written by process 0 only;
     checkpoints by every process (orbax).
     """
@@ -110,6 +137,8 @@ def train(
     act_rules = check_rules(tuple(mesh_cfg.get("activation_rules", DEFAULT_ACTIVATION_RULES)), mesh)
     min_fsdp = int(mesh_cfg.get("min_fsdp_size", DEFAULT_MIN_FSDP_SIZE))
     opt_cfg, ema_cfg, loss_cfg = step_settings(config)
+    profile = profile_settings(config.get("profile"))
+    eval_every = periodic_eval_every(config)
     tx = make_adamw(opt_cfg)
 
     def model_fn() -> nnx.Module:
@@ -120,6 +149,7 @@ def train(
     num_steps = int(config.train.num_steps)
     batch_size = int(config.train.batch_size)
     layout = BatchLayout(mesh, batch_size, process_rows(mesh, batch_size))
+    flops_per_step = model_flops_per_step(config.model, batch_size)
     iterator = task.data_iterator(layout)
 
     t_start = time.perf_counter()
@@ -153,8 +183,20 @@ def train(
                 shardings,
                 act_rules,
             )
+            reporter = TrainReporter(
+                workdir,
+                config,
+                start,
+                num_steps,
+                int(config.train.log_every),
+                lead,
+                batch_size=batch_size,
+                flops_per_step=flops_per_step,
+                peak_flops=devices_peak_flops(list(mesh.devices.flat)),
+            )
+            watch = _Watch(task, graphdef, workdir, eval_every, profile, reporter, start)
             state, run = _run_steps(
-                config, workdir, state, step_fn, batches, layout, iterator, ckpt, start, callback
+                config, state, step_fn, batches, layout, iterator, ckpt, start, callback, watch
             )
             info.update(run)
         if not info["preempted"]:
@@ -168,8 +210,11 @@ def train(
             "end_step": int(state.step),
             "wall_time_s": info["wall_time_s"],
             "it_per_s": info["it_per_s"],
+            "compile_s": info["compile_s"],
             "final_loss": info["final_loss"],
         }
+        if flops_per_step is not None:
+            session.update(flops_per_step=flops_per_step, mfu=info.get("mfu"))
         info["sessions"] = record_session(workdir, session, write=lead)
     else:
         info["sessions"] = read_train_log(workdir)
@@ -177,17 +222,68 @@ def train(
     return graphdef, state, info
 
 
-def _run_steps(config, workdir, state, step_fn, batches, layout, iterator, ckpt, start, callback):
+class _Watch:
+    """What the loop does besides stepping: the reporter, the profiler, the periodic evaluation."""
+
+    def __init__(
+        self,
+        task: Task,
+        graphdef: nnx.GraphDef,
+        workdir: str,
+        eval_every: int,
+        profile: ProfileSettings,
+        reporter: TrainReporter,
+        start: int,
+    ):
+        self.task, self.graphdef, self.workdir = task, graphdef, workdir
+        self.eval_every = eval_every
+        self.reporter = reporter
+        self.profiler = StepProfiler(workdir, profile, first_step=start, pause=reporter.paused)
+
+    def after_step(self, step: int, state: TrainState, metrics: dict[str, jax.Array]) -> None:
+        """Report the metrics, stop a finished trace, and evaluate when `step + 1` is due."""
+        self.reporter.add(step, metrics)
+        self.profiler.after_step(step, metrics)
+        done = step + 1
+        if self.eval_every and done % self.eval_every == 0:
+            self.evaluate(done, state)
+
+    def evaluate(self, done: int, state: TrainState) -> None:
+        """The task's small evaluation of the EMA parameters, logged by the reporter (process 0).
+
+        Why a gather first: in a multi-process job the parameters are sharded across hosts; every
+        process joins the all-gather (a collective), then only process 0 samples, on its own
+        devices, while the others wait at the next step's collectives.
+        """
+        with self.reporter.paused():
+            params = state.ema_params
+            if jax.process_count() > 1:
+                params = multihost_utils.process_allgather(params, tiled=True)
+            if jax.process_index() == 0:
+                scalars, image = self.task.evaluate_during_training(
+                    self.workdir, self.graphdef, params, done
+                )
+                self.reporter.write_eval(done, scalars, image)
+
+    def close(self) -> None:
+        """Stop a trace still running, close TensorBoard."""
+        try:
+            self.profiler.close()
+        finally:
+            self.reporter.close()
+
+
+def _run_steps(config, state, step_fn, batches, layout, iterator, ckpt, start, callback, watch):
     """Steps `start` .. num_steps - 1 (or up to a preemption); returns (state, info entries)."""
     num_steps = int(config.train.num_steps)
-    lead = jax.process_index() == 0
-    reporter = TrainReporter(workdir, start, num_steps, int(config.train.log_every), lead)
+    reporter = watch.reporter
     out: dict[str, Any] = {}
     try:
         for step in range(start, num_steps):
             host_batch = next(batches)
-            state, metrics = step_fn(state, _to_global(host_batch, layout))
-            reporter.add(step, metrics)
+            with watch.profiler.step(step):
+                state, metrics = step_fn(state, _to_global(host_batch, layout))
+            watch.after_step(step, state, metrics)
             done = step + 1
             if callback is not None:
                 callback("step", {"step": step, "metrics": metrics, "batch": host_batch})
@@ -200,6 +296,9 @@ def _run_steps(config, workdir, state, step_fn, batches, layout, iterator, ckpt,
                     callback("preempted", {"step": done})
                 break
     finally:
-        reporter.close()
-    out.update(it_per_s=reporter.it_per_s, final_loss=reporter.final_loss)
+        watch.close()
+    out.update(it_per_s=reporter.it_per_s, compile_s=reporter.compile_s)
+    out.update(final_loss=reporter.final_loss)
+    if reporter.progress.flops_per_step is not None:  # GM-DiT: MFU (None when the peak is unknown)
+        out["mfu"] = reporter.mfu
     return state, out

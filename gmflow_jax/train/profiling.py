@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -51,9 +51,11 @@ class ProfileSettings:
 
 
 def profile_settings(section: Mapping[str, Any] | None) -> ProfileSettings:
-    """`ProfileSettings` from a config's `profile` section (None or missing: profiling off)."""
+    """`ProfileSettings` from a config's `profile` section (a mapping or ConfigDict; None: off)."""
     if section is None:
         return ProfileSettings()
+    if hasattr(section, "to_dict"):  # an ml_collections.ConfigDict
+        section = section.to_dict()
     allowed = {f.name for f in dataclasses.fields(ProfileSettings)}
     unknown = sorted(set(section) - allowed)
     if unknown:
@@ -72,11 +74,21 @@ class StepProfiler:
                 state, metrics = train_step(state, batch)
             profiler.after_step(step, metrics)   # syncs on metrics only when the trace ends
         profiler.close()                         # also in a `finally`
+
+    `pause` is a context factory under which starting and stopping (writing) the trace run; the
+    loop passes `Progress.paused` so that tracing overhead stays out of the step rate.
     """
 
-    def __init__(self, workdir: str, settings: ProfileSettings, first_step: int):
+    def __init__(
+        self,
+        workdir: str,
+        settings: ProfileSettings,
+        first_step: int,
+        pause: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    ):
         """Trace `settings.num_steps` steps from global step `first_step + settings.skip_steps`."""
         self.settings = settings
+        self.pause = pause
         self.log_dir = os.path.join(workdir, PROFILE_DIR)
         self.begin = first_step + settings.skip_steps
         self.end = self.begin + settings.num_steps  # exclusive
@@ -88,7 +100,8 @@ class StepProfiler:
     def step(self, step: int) -> Iterator[None]:
         """Run one step, starting the trace first when `step` is the first traced one."""
         if self.traced_here and not self.active and not self.done and step == self.begin:
-            jax.profiler.start_trace(self.log_dir)
+            with self.pause():
+                jax.profiler.start_trace(self.log_dir)
             self.active = True
         if self.active:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -108,5 +121,6 @@ class StepProfiler:
             self._stop()
 
     def _stop(self) -> None:
-        jax.profiler.stop_trace()
+        with self.pause():
+            jax.profiler.stop_trace()
         self.active, self.done = False, True

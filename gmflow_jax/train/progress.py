@@ -107,10 +107,12 @@ class Progress:
         return self.compile_line()
 
     def compile_line(self) -> str:
-        """"compiled in 41.3s (compilation and the first step)", or "" before `first_step_done`."""
+        """ "compiled in 41.3s (compilation and the first step)", or "" before `first_step_done`."""
         if self.compile_seconds is None:
             return ""
-        return f"compiled in {format_duration(self.compile_seconds)} (compilation and the first step)"
+        return (
+            f"compiled in {format_duration(self.compile_seconds)} (compilation and the first step)"
+        )
 
     def steps_per_s(self, step: int) -> float:
         """Steps per second from the first step to `step` (pauses excluded); nan when not yet known."""

@@ -48,15 +48,15 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, bool | int | floa
     return dict(sorted(flat.items()))
 
 
-def write_config(writer: Any, config: Any, metric_tags: Sequence[str] = ()) -> None:
-    """Write `config` as text ("config", step 0) and as hyper-parameters of this run.
+def write_config(writer: Any, config: Any, metric_tags: Sequence[str] = (), step: int = 0) -> None:
+    """Write `config` as text ("config", at `step`) and as hyper-parameters of this run.
 
     `metric_tags` are the scalar tags (e.g. "eval/fid") the HParams tab shows next to the values.
     The hyper-parameters go into the writer's own event file (not a sub-run, unlike
     `SummaryWriter.add_hparams`), so one run directory holds everything.
     """
     text = json.dumps(_as_dict(config), indent=2, sort_keys=True, default=str)
-    writer.add_text("config", "```\n" + text + "\n```", 0)
+    writer.add_text("config", "```\n" + text + "\n```", step)
     exp, ssi, sei = hparams(flatten_config(config), {tag: 0.0 for tag in metric_tags})
     file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):

@@ -72,3 +72,15 @@ class Task(Protocol):
     ) -> dict[str, Any]:
         """Evaluate the EMA parameters; write metrics.json and figures; return the payload."""
         ...
+
+    def evaluate_during_training(
+        self, workdir: str, graphdef: nnx.GraphDef, ema_params: Any, step: int
+    ) -> tuple[dict[str, float], np.ndarray | None]:
+        """A small evaluation of the EMA parameters after `step` steps (`config.eval.every_steps`):
+        (scalars, logged as `eval/<name>`; one uint8 RGB image [H, W, 3] of samples, or None).
+
+        Called on process 0 only, with parameters it can read in full; samples on that process's
+        devices with the same noise at every call (so the curves show the model change), on a
+        budget of `config.eval.periodic_samples`; writes no files except caches its evaluator needs.
+        """
+        ...

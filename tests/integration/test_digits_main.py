@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from helpers.config_files import REPO, load_config
 from flax import nnx
+from helpers.config_files import REPO, load_config
 
 from gmflow_jax import main as main_module
 from gmflow_jax import tasks
@@ -25,8 +25,13 @@ from gmflow_jax.eval.digits import (
     classifier_cache_path,
     classifier_config,
 )
-from gmflow_jax.train import loop
-from gmflow_jax.train.state import init_train_state, make_train_step
+from gmflow_jax.models.builder import build_model
+from gmflow_jax.models.denoiser import network_functions
+from gmflow_jax.parallel.mesh import make_mesh
+from gmflow_jax.parallel.sharding import process_rows
+from gmflow_jax.train.optimizer import make_adamw
+from gmflow_jax.train.step import init_on_mesh, jit_train_step, make_train_step, step_settings
+from gmflow_jax.train.task import BatchLayout, run_keys
 
 
 def _load_config(variant: str):
@@ -94,25 +99,25 @@ def _moved(before, after) -> float:
 def test_one_tiny_digits_train_step_updates_gm_dit_and_spectrum_net():
     """Finite metrics, loss = trans + spec, fp32 params of both networks move."""
     config = _load_config("tiny")
-    task = tasks.make_task(config)
-    tx = loop.make_adamw(loop.optimizer_config(config))
-    abstract = nnx.eval_shape(lambda: task.build_model(jax.random.PRNGKey(0)))
-    denoiser, spectrum = task.seams(abstract)
-    state = jax.jit(
-        lambda: init_train_state(
-            task.build_model(jax.random.PRNGKey(0)), tx, jax.random.PRNGKey(1)
-        )[1]
-    )()
-    step = make_train_step(
-        denoiser,
-        tx,
-        loop.optimizer_config(config),
-        loop.ema_config(config),
-        loop.loss_config(config),
-        spectrum,
+    keys = run_keys(config.seed)
+    task = tasks.make_task(config, keys)
+    opt_cfg, ema_cfg, loss_cfg = step_settings(config)
+    tx = make_adamw(opt_cfg)
+    mesh = make_mesh()
+
+    def model_fn():
+        return build_model(config.model, keys["init"])
+
+    _, init, shardings = init_on_mesh(model_fn, tx, keys["train"], mesh)
+    denoiser, spectrum = network_functions(nnx.eval_shape(model_fn))
+    step = jit_train_step(
+        make_train_step(denoiser, tx, opt_cfg, ema_cfg, loss_cfg, spectrum), mesh, shardings
     )
-    batch = next(task.batches(0))
+    state = init()
+    layout = BatchLayout(mesh, config.train.batch_size, process_rows(mesh, config.train.batch_size))
+    batch = next(task.batches(0, layout))
     assert batch["x0"].shape == (16, 8, 8, 1) and batch["labels"].shape == (16,)
+    batch = {k: jax.device_put(v, layout.sharding) for k, v in batch.items()}
     before = jax.tree.map(np.asarray, state.params)
     state, m = step(state, batch)
     m = {k: float(v) for k, v in m.items()}

@@ -26,8 +26,11 @@ from gmflow_jax.data.imagenet_latents import (
     synthetic_latents,
 )
 from gmflow_jax.models.gm_dit import LOGICAL_AXIS_NAMES
+from gmflow_jax.parallel.mesh import make_mesh
+from gmflow_jax.run import train_and_evaluate
 from gmflow_jax.tasks.image import row_solver_config
-from gmflow_jax.train import loop
+from gmflow_jax.train.reporting import TRAIN_LOG_FILE
+from gmflow_jax.train.task import BatchLayout, run_keys
 
 
 def _load_config(variant: str):
@@ -80,7 +83,7 @@ def test_main_tiny_trains_bf16_on_the_fsdp_mesh_evaluates_and_resumes(tmp_path):
         workdir, tmp_path / "xla_cache", "--config.train.num_steps=3", "--config.eval.enabled=False"
     )
     assert "resumed from step 2" in out and "steps 2->3" in out
-    sessions = json.loads((workdir / loop.TRAIN_LOG_FILE).read_text())["sessions"]
+    sessions = json.loads((workdir / TRAIN_LOG_FILE).read_text())["sessions"]
     assert [(s["start_step"], s["end_step"]) for s in sessions] == [(0, 2), (2, 3)]
     assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
 
@@ -93,7 +96,7 @@ def test_full_imagenet_config_without_latents_stops_with_the_prepare_command(tmp
     config = _load_config("")
     config.data.path = str(tmp_path / "no_latents_here")
     with pytest.raises(FileNotFoundError, match=r"tools/prepare_imagenet_latents\.py"):
-        loop.train_and_evaluate(config, str(tmp_path / "run"))
+        train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()  # stopped before any model or workdir work
 
 
@@ -179,8 +182,9 @@ def test_imagenet_task_reads_arrayrecord_shards_or_npy_files_from_data_path(tmp_
     for path in (shard_dir, npy_dir):
         config = _load_config("tiny")
         config.data.source, config.data.path = "files", str(path)
-        task = tasks.make_task(config)
-        epoch = [next(iter(task.batches(s))) for s in range(3)]  # 3 x 8 = one epoch of 24
+        task = tasks.make_task(config, run_keys(config.seed))
+        layout = BatchLayout(make_mesh(), 8, np.arange(8))
+        epoch = [next(iter(task.batches(s, layout))) for s in range(3)]  # 3 x 8 = one epoch of 24
         x = np.concatenate([b["x0"] for b in epoch])
         y = np.concatenate([b["labels"] for b in epoch])
         assert x.shape == (24, 8, 8, 4) and x.dtype == np.float32

@@ -135,7 +135,10 @@ def test_samples_equal_direct_solver_call_and_images_its_vae_decode(pipe, offici
     params = {"denoiser": pipe.params["denoiser"]}
     expected = _direct_latents(pipe._denoiser, params, None, cfg, LABELS, 5, 0.3)
     assert np.std(expected) > 0.3
-    np.testing.assert_array_equal(latents, expected)
+    # The pipeline samples through the sampling driver over the 8 test devices (the 3 labels padded
+    # to 8, one row per device), which changes the matmul rounding (about 2e-6) against this
+    # one-device batch of 3; a wrong label, key or noise stream would move the latents by O(1).
+    np.testing.assert_allclose(latents, expected, rtol=0, atol=1e-5)
     # The traced guidance scale is used (no recompile for a new value), and so is the seed.
     other = pipe(
         WORDS, 0.6, num_steps=2, num_substeps=1, solver="gm_ode", seed=5, output_type="latents"
@@ -233,9 +236,10 @@ def test_from_checkpoint_without_a_config_says_what_to_write(tmp_path):
         ({"num_steps": 2.5}, "num_steps=2.5 must be an integer >= 1"),
         ({"solver": "gm_sde3"}, r"unknown sampler 'gm_sde3'; did you mean 'gm_sde'\? Allowed:"),
         ({"solver": "gm_sde2", "num_substeps": 4}, "num_substeps=4 > 1 needs a GM-ODE solver"),
-        ({"solver": "euler"}, "baseline solver 'euler' runs unguided only"),
+        ({"solver": "euler", "guidance_scale": -1.0}, "must be >= 0 for CFG"),
+        ({"solver": "euler", "guidance_scale": float("inf")}, "must be finite"),
         ({"solver": "gm_ode2", "spectral": True}, "spectral=True needs a GM-SDE solver"),
-        ({"output_type": "pil"}, "output_type='pil' must be one of"),
+        ({"output_type": "png"}, "output_type='png' must be one of"),
         ({"batch_size": 0}, "batch_size=0 must be an integer >= 1"),
         ({"class_labels": [1000]}, r"class label 1000 must be .* \[0, 1000\)"),
         ({"class_labels": []}, "class_labels is empty"),
@@ -273,7 +277,7 @@ def test_sample_notebook_runs_headless_on_a_tiny_model(official_dir, tmp_path, m
         "GMFLOW_MODEL_PATH": str(official_dir),
         "GMFLOW_VARIANT": "",
         "GMFLOW_DTYPE": "float32",
-        "GMFLOW_WORDS": "hummingbird,tench",
+        "GMFLOW_WORDS": "hummingbird,0",  # a class word and an integer class id
         "GMFLOW_STEPS": "2",
         "GMFLOW_FIGURE": str(figure),
         "MPLBACKEND": "Agg",
@@ -299,7 +303,7 @@ def test_sample_notebook_runs_headless_on_a_tiny_model(official_dir, tmp_path, m
     )
     assert "gm_ode2    2 steps: (2, 16, 16, 3) uint8" in text
     assert "gm_sde2    2 steps: (2, 16, 16, 3) uint8" in text
-    assert "'hummingbird': 94" in text and "'tench': 0" in text
+    assert "{'hummingbird': 94, 0: 0}" in text
     assert figure.stat().st_size > 1000
 
 

@@ -1,8 +1,9 @@
-"""Tests of tools/sample.py and gmflow_jax.eval.sampling (sharded, resumable 50k sampling; sweep tables).
+"""Tests of tools/sample.py, gmflow_jax.eval.adm_export (sharded, resumable 50k sampling) and
+gmflow_jax.eval.guidance_sweep (sweep tables).
 
 A tiny random GM-DiT (2 blocks, width 64, 8x8x4 latents, K = 2, 1000 classes) with a SpectrumMLP is
 saved as one of our training checkpoints (orbax TrainState + config.json pointing at a tiny random
-VAE, 16x16 images), built from the tiny official folder of `helpers.official_layout`. The base run samples 20 images
+VAE in the run folder, 16x16 images), built from the tiny official folder of `helpers.official_layout`. The base run samples 20 images
 with GM-SDE 2 (spectral sampling, guidance 0.3, 2 steps) on the 8 fake CPU devices in global batches
 of 16 (2 per device); the other runs are compared with it.
 """
@@ -26,10 +27,11 @@ from helpers.official_layout import write_tiny_official_folder
 from scipy import stats
 
 from gmflow_jax.checkpoint import Checkpointer
-from gmflow_jax.eval import sampling
+from gmflow_jax.eval import adm_export, guidance_sweep
 from gmflow_jax.interop.converted_folder import load_official, load_vae_folder
 from gmflow_jax.models.builder import gm_dit_config_to_dict
 from gmflow_jax.models.image_denoiser import ImageDenoiser
+from gmflow_jax.sampling.streams import sample_labels
 from gmflow_jax.train.state import init_train_state
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -40,7 +42,7 @@ NUM_SAMPLES = 20
 # Cheap XLA CPU compiles (about 4x faster for this program; every run here uses the same option).
 FAST_COMPILE = ["--xla_option", "xla_backend_optimization_level=0"]
 RUN_ARGS = [
-    "--num_samples", str(NUM_SAMPLES), "--solver", "gm_sde2", "--num_steps", "2",
+    "--num_samples", str(NUM_SAMPLES), "--solver", "gm_sde_2", "--num_steps", "2",
     "--guidance_scale", "0.3", "--seed", str(SEED), "--save_latents", *FAST_COMPILE,
 ]  # fmt: skip
 
@@ -65,10 +67,12 @@ def workdir(tmp_path_factory) -> pathlib.Path:
     work = root / "run"
     with Checkpointer(work / "checkpoints", async_save=False) as ckpt:
         ckpt.save(3, state, force=True)
+    # The VAE ships inside the run folder (a config's `vae` may not leave its folder).
+    shutil.copytree(official_dir / "vae", work / "vae")
     config = {
         "model": gm_dit_config_to_dict(models.transformer.config),
         "spectrum_net": {"base_size": [4, 8, 8], "layers": [16, 8]},
-        "vae": os.path.relpath(official_dir / "vae", work),
+        "vae": "vae",
     }
     (work / "config.json").write_text(json.dumps(config))
     return work
@@ -81,12 +85,12 @@ def _run(workdir, out_dir, *extra) -> int:
 
 def _shards(out_dir) -> list[pathlib.Path]:
     """The shard files of a run, by start index."""
-    return sorted(pathlib.Path(out_dir).glob(f"{sampling.SHARD_PREFIX}*.npz"))
+    return sorted(pathlib.Path(out_dir).glob(f"{adm_export.SHARD_PREFIX}*.npz"))
 
 
 def _load(out_dir) -> dict[str, np.ndarray]:
     """Merged images and labels, and the shards' latents, of a run."""
-    with np.load(pathlib.Path(out_dir) / sampling.MERGED_NAME) as data:
+    with np.load(pathlib.Path(out_dir) / adm_export.MERGED_NAME) as data:
         out = {"images": data["arr_0"], "labels": data["arr_1"]}
     latents = []
     for path in _shards(out_dir):
@@ -162,12 +166,12 @@ def test_run_writes_shards_merge_and_manifest(base_run):
             assert set(data.files) == {"arr_0", "arr_1", "arr_2"}
     np.testing.assert_array_equal(np.concatenate(parts), got["images"])
     np.testing.assert_array_equal(
-        got["labels"], sampling.sample_labels(SEED, np.arange(NUM_SAMPLES), 1000)
+        got["labels"], sample_labels(SEED, np.arange(NUM_SAMPLES), 1000)
     )
     # Distinct samples, and no two indices share noise.
     assert len({img.tobytes() for img in got["images"]}) == NUM_SAMPLES
     assert len(np.unique(got["images"])) > 50
-    manifest = json.loads((base_run / sampling.MANIFEST_NAME).read_text())
+    manifest = json.loads((base_run / adm_export.MANIFEST_NAME).read_text())
     assert manifest["guidance_scale"] == 0.3 and manifest["seed"] == SEED
     assert manifest["solver_config"]["solver"] == "gm_sde" and manifest["solver_config"]["spectral"]
 
@@ -190,8 +194,8 @@ def test_one_device_and_batch_2_give_the_same_samples_as_eight_devices_and_batch
     one, eight = _load(out), _load(base_run)
     for key in ("images", "labels", "latents"):
         np.testing.assert_array_equal(one[key], eight[key], err_msg=key)
-    assert (out / sampling.MANIFEST_NAME).read_text() == (
-        base_run / sampling.MANIFEST_NAME
+    assert (out / adm_export.MANIFEST_NAME).read_text() == (
+        base_run / adm_export.MANIFEST_NAME
     ).read_text()
 
 
@@ -223,18 +227,18 @@ def test_missing_or_mismatched_shards_count_as_not_done(base_run, tmp_path):
     shard = _shards(base_run)[1]
     with np.load(shard) as data:
         arrays = {k: data[k] for k in data.files}
-    labels = sampling.sample_labels(SEED, np.arange(16, 20), 1000)
-    ok = sampling._read_shard(str(shard), 4, (16, 16, 3), labels, True)
+    labels = sample_labels(SEED, np.arange(16, 20), 1000)
+    ok = adm_export.read_shard(str(shard), 4, (16, 16, 3), labels, True)
     assert ok is not None
     np.savez(tmp_path / "bad.npz", arrays["arr_0"], (arrays["arr_1"] + 1) % 1000, arrays["arr_2"])
-    assert sampling._read_shard(str(tmp_path / "bad.npz"), 4, (16, 16, 3), labels, True) is None
-    assert sampling._read_shard(str(shard), 5, (16, 16, 3), labels, True) is None
-    assert sampling._read_shard(str(tmp_path / "none.npz"), 4, (16, 16, 3), labels, True) is None
+    assert adm_export.read_shard(str(tmp_path / "bad.npz"), 4, (16, 16, 3), labels, True) is None
+    assert adm_export.read_shard(str(shard), 5, (16, 16, 3), labels, True) is None
+    assert adm_export.read_shard(str(tmp_path / "none.npz"), 4, (16, 16, 3), labels, True) is None
     np.savez(tmp_path / "no_latents.npz", arrays["arr_0"], arrays["arr_1"])
     assert (
-        sampling._read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, True) is None
+        adm_export.read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, True) is None
     )
-    assert sampling._read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, False)
+    assert adm_export.read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, False)
 
 
 def test_rerun_with_other_settings_is_refused(base_run, workdir, tmp_path, capsys):
@@ -256,15 +260,15 @@ def test_rerun_with_other_settings_is_refused(base_run, workdir, tmp_path, capsy
 def test_labels_are_uniform_and_seeded_by_index():
     """Chi-square of 20,000 labels over 10 classes is within both 1e-6 tails; chunks agree."""
     n, k = 20_000, 10
-    labels = sampling.sample_labels(3, np.arange(n), k)
+    labels = sample_labels(3, np.arange(n), k)
     counts = np.bincount(labels, minlength=k)
     chi2 = float(np.sum((counts - n / k) ** 2 / (n / k)))
     assert stats.chi2.ppf(1e-6, k - 1) < chi2 < stats.chi2.isf(1e-6, k - 1)
     np.testing.assert_array_equal(
         np.concatenate(
             [
-                sampling.sample_labels(3, np.arange(0, 7000), k),
-                sampling.sample_labels(3, np.arange(7000, n), k),
+                sample_labels(3, np.arange(0, 7000), k),
+                sample_labels(3, np.arange(7000, n), k),
             ]
         ),
         labels,
@@ -273,7 +277,7 @@ def test_labels_are_uniform_and_seeded_by_index():
     pairs = np.bincount(labels[:-1] * k + labels[1:], minlength=k * k)
     chi2_pairs = float(np.sum((pairs - (n - 1) / k**2) ** 2 / ((n - 1) / k**2)))
     assert chi2_pairs < stats.chi2.isf(1e-6, k * k - 1)
-    assert np.mean(sampling.sample_labels(4, np.arange(n), k) == labels) < 0.2
+    assert np.mean(sample_labels(4, np.arange(n), k) == labels) < 0.2
 
 
 def test_uint8_conversion_matches_adm_truncation_and_rounding():
@@ -286,14 +290,14 @@ def test_uint8_conversion_matches_adm_truncation_and_rounding():
         (0.9, np.minimum(u + 1, 255)),
     ):
         x = ((u + f) / 127.5 - 1.0).astype(np.float32)
-        np.testing.assert_array_equal(np.asarray(sampling.images_to_uint8(x, "adm")), u)
-        np.testing.assert_array_equal(np.asarray(sampling.images_to_uint8(x, "round")), rounded)
+        np.testing.assert_array_equal(np.asarray(adm_export.images_to_uint8(x, "adm")), u)
+        np.testing.assert_array_equal(np.asarray(adm_export.images_to_uint8(x, "round")), rounded)
     edges = np.array([-1.0, 1.0, -3.0, 2.5, 0.0, np.nan], np.float32)
     np.testing.assert_array_equal(
-        np.asarray(sampling.images_to_uint8(edges, "adm")), [0, 255, 0, 255, 127, 0]
+        np.asarray(adm_export.images_to_uint8(edges, "adm")), [0, 255, 0, 255, 127, 0]
     )
     with pytest.raises(ValueError, match="uint8 mode 'floor' is unknown; allowed: adm, round"):
-        sampling.images_to_uint8(edges, "floor")
+        adm_export.images_to_uint8(edges, "floor")
 
 
 def test_run_images_are_adm_uint8_of_the_vae_decode_of_its_latents(base_run, workdir):
@@ -311,7 +315,7 @@ def test_run_images_are_adm_uint8_of_the_vae_decode_of_its_latents(base_run, wor
 
 def test_shard_plan_tiles_the_indices_for_any_process_layout():
     """Two processes holding rows [0, 4) and [4, 8) of each batch of 8: 13 samples in 4 shards."""
-    plan = sampling.shard_plan(13, 8, {1: (4, 8), 0: (0, 4)})
+    plan = adm_export.shard_plan(13, 8, {1: (4, 8), 0: (0, 4)})
     assert [(s.batch, s.process, s.start, s.stop) for s in plan] == [
         (0, 0, 0, 4),
         (0, 1, 4, 8),
@@ -319,7 +323,7 @@ def test_shard_plan_tiles_the_indices_for_any_process_layout():
         (1, 1, 12, 13),
     ]
     assert plan[3].name == "shard_00000012_00000013.npz"
-    plan = sampling.shard_plan(16, 8, {0: (0, 4), 1: (4, 8)})
+    plan = adm_export.shard_plan(16, 8, {0: (0, 4), 1: (4, 8)})
     assert [s.size for s in plan] == [4, 4, 4, 4]
 
 
@@ -361,7 +365,7 @@ def test_best_settings_pick_lowest_fid_and_highest_precision_per_solver_and_nfe(
         _row("gm_sde2", 8, 0.13, 3.4, 0.90, substeps=1),
         _row("gm_ode2", 8, 0.11, 2.0, 0.60, n=5000),  # another N: its own group
     ]
-    table = sampling.best_settings(results)
+    table = guidance_sweep.best_settings(results)
     summary = [
         (
             r["solver"],
@@ -380,24 +384,24 @@ def test_best_settings_pick_lowest_fid_and_highest_precision_per_solver_and_nfe(
         ("gm_sde2", 8, 1000, 0.13, 0.13, 1),
     ]
     results[4]["precision"] = float("nan")
-    assert sampling.best_settings(results)[0]["best_precision"]["guidance_scale"] == 0.39
-    md = sampling.sweep_table_markdown(sampling.best_settings(results))
+    assert guidance_sweep.best_settings(results)[0]["best_precision"]["guidance_scale"] == 0.39
+    md = guidance_sweep.sweep_table_markdown(guidance_sweep.best_settings(results))
     line = next(line for line in md.splitlines() if line.startswith("| gm_ode2 | 8 | 16 | 1000"))
     assert "| 0.11 | 3.10 | 111.0 | 0.800 | 0.500 | 0.39 | 0.930 | 0.500 | 7.00 | -0.018 |" in line
-    written = sampling.write_sweep_tables(str(tmp_path), results)
-    assert json.loads((tmp_path / sampling.TABLE_JSON_NAME).read_text()) == json.loads(
+    written = guidance_sweep.write_sweep_tables(str(tmp_path), results)
+    assert json.loads((tmp_path / guidance_sweep.TABLE_JSON_NAME).read_text()) == json.loads(
         json.dumps(written)
     )
-    assert (tmp_path / sampling.TABLE_MD_NAME).read_text() == md
+    assert (tmp_path / guidance_sweep.TABLE_MD_NAME).read_text() == md
 
 
 def test_paper_guidance_grid_and_sweep_defaults():
     """The sweep grid is the paper's 20 probabilistic scales; NFE 8 and 32; GM-ODE 2 and GM-SDE 2."""
-    grid = sampling.PAPER_GUIDANCE_GRID
+    grid = guidance_sweep.PAPER_GUIDANCE_GRID
     assert len(grid) == 20 and grid[0] == 0.02 and grid[-1] == 0.75 and list(grid) == sorted(grid)
     assert {0.09, 0.11, 0.39, 0.47}.issubset(grid)
-    assert sampling.PAPER_SWEEP_STEPS == (8, 32)
-    assert sampling.PAPER_SWEEP_SOLVERS == ("gm_ode2", "gm_sde2")
+    assert guidance_sweep.PAPER_SWEEP_STEPS == (8, 32)
+    assert guidance_sweep.PAPER_SWEEP_SOLVERS == ("gm_ode_2", "gm_sde_2")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,20 +412,28 @@ def test_paper_guidance_grid_and_sweep_defaults():
 @pytest.mark.parametrize(
     "extra,match",
     [
-        (["--guidance_scale", "1.5"], r"--guidance_scale=1.5 must be in \[0, 1\)"),
-        (["--solver", "gm_sde3"], r"argument --solver: invalid choice: 'gm_sde3'"),
+        (["--guidance_scale", "-0.5"], r"--guidance_scale=-0.5 must be >= 0 \(GM rows: \[0, 1\)"),
+        (
+            ["--solver", "gm_sde3"],
+            r"argument --solver: unknown sampler 'gm_sde3'; did you mean 'gm_sde'\? Allowed:",
+        ),
         (["--batch_size", "12"], "--batch_size=12 must be divisible by the 8 data-parallel"),
         (["--num_samples", "0"], "--num_samples=0 must be >= 1"),
         (["--mesh", "data=x"], r"--mesh='data=x': data='x' must be an integer"),
         (["--mesh", "pipeline=2"], "key one of data, fsdp, tensor, dcn_data, dcn_fsdp"),
         (["--mesh", "data=3"], "must equal the 8 devices per slice"),
         (["--solver", "gm_sde2", "--num_substeps", "4"], "--num_substeps=4 needs a GM-ODE solver"),
-        (["--solver", "euler", "--guidance_scale", "0.3"], "--solver=euler runs unguided only"),
+        (["--solver", "euler", "--guidance_scale", "-1"], r"--guidance_scale=-1.0 must be >= 0"),
+        (
+            ["--solver", "gm_ode_2", "--guidance_scale", "1.5"],
+            r"must be in \[0, 1\) for --solver=gm_ode_2 \(probabilistic",
+        ),
+        (["--step", "-1"], "--step=-1 must be a checkpoint step"),
         (["--sweep"], "--sweep needs --inception"),
         (["--sweep", "--solver", "gm_ode2"], "--solver sets a single run; with --sweep use"),
         (
             ["--sweep", "--sweep_solvers", "gm_ode2,euler"],
-            r"\['euler'\] not allowed; allowed: gm_ode2, gm_sde2, gm_ode, gm_sde",
+            r"\['euler'\] not allowed; allowed: gm_sde, gm_sde_nospec, gm_sde_2, gm_sde_2_nospec",
         ),
         (["--sweep", "--sweep_guidance", "0.1,1.2"], r"must be in \(0, 1\).*\[1.2\]"),
         (

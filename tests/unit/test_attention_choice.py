@@ -61,8 +61,16 @@ def test_self_attention_on_cpu_matches_a_float64_softmax(dtype, tol):
 
 def test_gm_dit_blocks_use_the_chosen_implementation(monkeypatch):
     """The block's attention goes through the choice: forcing "cudnn" on CPU must fail there."""
-    cfg = gm_dit_config("S/2", num_layers=1, hidden_size=32, num_heads=2, sample_size=4,
-                        num_classes=3, logstd_inner_dim=8, dtype="bfloat16")
+    cfg = gm_dit_config(
+        "S/2",
+        num_layers=1,
+        hidden_size=32,
+        num_heads=2,
+        sample_size=4,
+        num_classes=3,
+        logstd_inner_dim=8,
+        dtype="bfloat16",
+    )
     model = GMDiT(cfg, rngs=nnx.Rngs(0))
     x, t, y = jnp.zeros((1, 4, 4, 4)), jnp.ones((1,)), jnp.zeros((1,), jnp.int32)
     seen = []

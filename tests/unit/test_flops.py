@@ -42,8 +42,9 @@ def _dot_flops(jaxpr) -> int:
     ],
 )
 def test_gm_dit_forward_flops_equal_the_traced_dot_products(overrides):
-    base = dict(num_layers=2, hidden_size=32, num_heads=4, sample_size=8, num_classes=5,
-                logstd_inner_dim=16)
+    base = dict(
+        num_layers=2, hidden_size=32, num_heads=4, sample_size=8, num_classes=5, logstd_inner_dim=16
+    )
     cfg = gm_dit_config("S/2", **{**base, **overrides})
     model = GMDiT(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)

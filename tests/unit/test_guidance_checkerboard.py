@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.config_files import load_config
 from scipy import stats
 
 from gmflow_jax.data.checkerboard import (
@@ -32,7 +33,13 @@ from gmflow_jax.eval.guidance_checkerboard import (
     pareto_frontier,
     uniform_histogram_tv_floor,
 )
+from gmflow_jax.eval.guidance_checkerboard_sweep import guidance_settings, method_name
 from gmflow_jax.models.toy_mlp import ToyMLP
+from gmflow_jax.parallel.mesh import MeshConfig, make_mesh
+from gmflow_jax.tasks.checkerboard_classes import CheckerboardClassesTask
+from gmflow_jax.train.state import drop_labels
+from gmflow_jax.train.step import step_settings
+from gmflow_jax.train.task import BatchLayout, run_keys
 
 _DELTA = 1e-6  # tail probability of the rigorous deviation bounds
 _PER_CLASS = 4000
@@ -125,12 +132,7 @@ def test_class_sampler_rejects_labels_without_a_cell(labels):
 
 
 def test_classes_config_drops_labels_to_the_null_label_at_rate_one_minus_prob_class():
-    from helpers.config_files import load_config
-
-    from gmflow_jax.train.state import drop_labels
-    from gmflow_jax.train.step import step_settings
-
-    config = load_config("checkerboard.py", "tiny_classes")
+    config = load_config("checkerboard", "tiny_classes")
     _, _, loss = step_settings(config)
     assert loss.null_label == 8 and loss.prob_class == pytest.approx(0.9)
     n = 100_000
@@ -152,7 +154,7 @@ def test_conditional_toy_mlp_has_the_unconditional_trunk_plus_a_label_table():
     cond = ToyMLP(4, embed_dim=16, hidden_dim=32, num_layers=2, num_classes=8, rngs=nnx.Rngs(0))
     assert not hasattr(uncond, "label_embed")
     assert cond.label_embed.embedding.value.shape == (9, 16)  # 8 classes + the null label
-    sa, sb = nnx.state(uncond).flat_state(), nnx.state(cond).flat_state()
+    sa, sb = dict(nnx.state(uncond).flat_state()), dict(nnx.state(cond).flat_state())
     shared = [k for k in sb if k[0] != "label_embed"]
     assert sorted(shared) == sorted(sa)
     for k in shared:
@@ -237,6 +239,10 @@ def test_a_shifted_cell_loses_precision_and_overshoots_at_the_corner():
     assert edge.sum() == 3  # (1, 3), (3, 1), (3, 3)
     rate = beyond_prob.mean()
     assert abs(m["overshoot_rate"] - rate) < 6 * math.sqrt(rate * (1 - rate) / _N)
+    for c in range(8):
+        b = beyond_prob[c]
+        assert abs(m["overshoot_rate_per_class"][c] - b) <= 6 * math.sqrt(b * (1 - b) / _PER_CLASS)
+        assert abs(m["precision_per_class"][c] - q) < 6 * math.sqrt(q * (1 - q) / _PER_CLASS)
 
 
 def test_overshoot_of_a_wider_box_has_the_closed_form_rate_and_distance():
@@ -312,3 +318,60 @@ def test_frontier_lookups_match_brute_force():
         ok = p >= level
         want = t[ok].min() if ok.any() else np.nan
         np.testing.assert_equal(frontier_tv_at(p, t, levels)[k], want)
+
+
+# ------------------------------------------------------------------------------------------------
+# The task and its sweep settings
+# ------------------------------------------------------------------------------------------------
+
+
+def test_task_batches_are_the_unconditional_batches_with_their_cells_as_labels():
+    config = load_config("checkerboard", "tiny_classes")
+    keys = run_keys(0)
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices())
+    layout = BatchLayout(mesh, 64, np.arange(64))
+    batches = CheckerboardClassesTask(config, keys).batches(3, layout)
+    for step in (3, 4):
+        batch = next(batches)
+        want = np.asarray(checkerboard_batch(keys["data"], step, 64))
+        assert np.asarray(batch["x0"]).tobytes() == want.tobytes()
+        ij = np.floor((want.reshape(64, 2).astype(np.float64) + 4.0) / 2.0).astype(int)
+        np.testing.assert_array_equal(
+            np.asarray(batch["labels"]), [_CELLS.index((a, b)) for a, b in ij]
+        )
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [("model.num_classes", 10, "num_classes must be 8"), ("train.prob_class", 1.0, "prob_class")],
+)
+def test_task_rejects_configs_that_cannot_guide(field, value, match):
+    config = load_config("checkerboard", "tiny_classes")
+    group, name = field.split(".")
+    config[group][name] = value
+    with pytest.raises(ValueError, match=match):
+        CheckerboardClassesTask(config, run_keys(0))
+
+
+def test_sweep_settings_pair_each_model_with_its_guidance_and_the_null_label():
+    config = load_config("checkerboard", "classes")
+    config.sample.gm_cfg_rows = ("gm_sde_2",)
+    s = config.sample
+    gm = guidance_settings(config, mean_only=False)
+    base = guidance_settings(config, mean_only=True)
+    n_nfe = len(s.guidance_nfes)
+    assert len(gm) == n_nfe * (len(s.gm_rows) * len(s.guidance_scales) + len(s.cfg_scales))
+    assert len(base) == n_nfe * len(s.baseline_solvers) * len(s.cfg_scales)
+    for setting in gm + base:
+        cfg = setting.cfg
+        kind = cfg.guidance
+        assert cfg.guided == (setting.w > (1.0 if kind == "cfg" else 0.0))
+        assert cfg.null_label == 8 and cfg.orthogonal_guidance == 0.0
+        assert cfg.num_steps == setting.nfe
+        if cfg.solver == "gm_ode":
+            assert cfg.num_substeps == math.ceil(128 / setting.nfe)
+        if setting.row in s.baseline_solvers:
+            assert kind == "cfg"
+    methods = {method_name(x.row, x.cfg.guidance) for x in gm}
+    assert methods == {"gm_sde_2", "gm_ode_2", "gm_sde_2+cfg"}
+    assert {x.w for x in gm if x.cfg.guidance == "probabilistic"} == set(s.guidance_scales)

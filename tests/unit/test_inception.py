@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from gmflow_jax.eval import inception as inc
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _load_tool():

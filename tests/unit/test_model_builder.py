@@ -130,7 +130,7 @@ def test_oracle_detects_a_bfloat16_spectrum_net():
 def test_spectrum_net_is_float32_on_the_training_path():
     """build_model with a bfloat16 GM-DiT still builds a float32 SpectrumMLP."""
     model = build_model({**TINY_GM_DIT, "dtype": "bfloat16"}, jax.random.PRNGKey(0))
-    assert model.config.dtype == jnp.bfloat16
+    assert model.config.compute_dtype == jnp.bfloat16
     _nonzero_spectrum(model, 4)
     _assert_float32_spectrum(model, nnx.state(model))
 
@@ -145,7 +145,7 @@ def test_spectrum_net_is_float32_on_the_checkpoint_path(tmp_path):
         ckpt.save(2, {"ema_params": ema}, force=True)
     (tmp_path / "config.json").write_text(json.dumps(pipeline_config(TINY_GM_DIT)))
     pipe = GMFlowPipeline.from_checkpoint(str(tmp_path), dtype="bfloat16")
-    assert pipe.config.dtype == jnp.bfloat16 and pipe.config.remat is False
+    assert pipe.config.compute_dtype == jnp.bfloat16 and pipe.config.remat is False
     _assert_float32_spectrum(pipe.model, pipe.params)
     for a, b in zip(jax.tree.leaves(pipe.params), jax.tree.leaves(ema), strict=True):
         np.testing.assert_array_equal(a, b)  # the EMA weights, not the raw ones
@@ -155,7 +155,7 @@ def test_spectrum_net_is_float32_on_the_official_path(tmp_path):
     """GMFlowPipeline.from_official(dtype=bfloat16) loads the official SpectrumMLP in float32."""
     root = write_tiny_official_folder(tmp_path / "official")
     pipe = GMFlowPipeline.from_official(str(root), dtype="bfloat16", with_vae=False)
-    assert pipe.config.dtype == jnp.bfloat16
+    assert pipe.config.compute_dtype == jnp.bfloat16
     _assert_float32_spectrum(pipe.model, pipe.params)
 
 

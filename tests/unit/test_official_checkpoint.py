@@ -1,9 +1,10 @@
 """Tests of the official GM-DiT checkpoint import (gmflow_jax.interop, tools/convert_official_checkpoint.py).
 
-The official key names and shapes come from `official_transformer_layout` / `official_spectrum_layout`
-(tests/helpers/official_layout.py), a plain description of the diffusers layout
-(`docs/official-checkpoint.md`) written independently of the converter's table. The oracle is a float64 NumPy forward pass of the official networks, channel-first
-like the reference, reading the official-key dict directly (`docs/math.md` §6.1, §6.3).
+The official key names and shapes come from `official_transformer_layout` /
+`official_spectrum_layout` (tests/helpers/official_layout.py), a plain description of the diffusers
+layout (`docs/official-checkpoint.md`) written independently of the converter's table. The oracle
+is a float64 NumPy forward pass of the official networks, channel-first like the reference, reading
+the official-key dict directly (`docs/math.md` §6.1, §6.3).
 """
 
 from __future__ import annotations

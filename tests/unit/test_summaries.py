@@ -1,16 +1,14 @@
 """TensorBoard summaries: config text, hyper-parameters, eval scalars and image grids, read back
 from the event file."""
 
-import glob
 import io
-import struct
 
 import ml_collections
 import numpy as np
 import pytest
+from helpers.event_files import summary_values
 from PIL import Image
 from tensorboardX import SummaryWriter
-from tensorboardX.proto import event_pb2
 
 from gmflow_jax.train.summaries import (
     flatten_config,
@@ -19,19 +17,6 @@ from gmflow_jax.train.summaries import (
     write_image_grid,
     write_scalars,
 )
-
-
-def _events(logdir):
-    """Every Event of the run's event files (TFRecord framing: length, crc, data, crc)."""
-    events = []
-    for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
-        data = open(path, "rb").read()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos : pos + 8])
-            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
-            pos += 12 + n + 4
-    return events
 
 
 def _config():
@@ -65,7 +50,7 @@ def test_config_hparams_scalars_and_images_land_in_one_run(tmp_path):
     writer.close()
     assert skipped == ["is"]
 
-    values = [(e.step, v) for e in _events(tmp_path) for v in e.summary.value]
+    values = summary_values(tmp_path)
     by_tag = {v.tag: (step, v) for step, v in values}
     assert by_tag["eval/fid"][0] == 7 and by_tag["eval/fid"][1].simple_value == 12.5
     assert "eval/is" not in by_tag

@@ -28,22 +28,14 @@ from gmflow_jax.parallel.sharding import (
 )
 
 pytest.importorskip("libtpu", reason="jax[tpu] (libtpu) is needed for TPU topologies")
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server on a CPU host
-
-from jax.experimental import topologies  # noqa: E402
+from gmflow_jax.parallel.topology import topology_devices as _topology_devices  # noqa: E402
 
 ROWS_PER_DEVICE = 3
 
 
 @functools.cache
 def topology_devices(name: str, num_slices: int = 1):
-    return tuple(
-        topologies.get_topology_desc(
-            platform="tpu",
-            topology_name=name,
-            **({"num_slices": num_slices} if num_slices > 1 else {}),
-        ).devices
-    )
+    return tuple(_topology_devices(name, num_slices))
 
 
 def processes_of(devices):
@@ -147,7 +139,9 @@ def test_global_batch_of_one_process_places_each_devices_rows():
     for shard in out.addressable_shards:
         start, stop = oracle[shard.device]
         np.testing.assert_array_equal(np.asarray(shard.data), data[start:stop])
-    with pytest.raises(ValueError, match="holds 32 rows of the global batch of 32, got a local batch of 16"):
+    with pytest.raises(
+        ValueError, match="holds 32 rows of the global batch of 32, got a local batch of 16"
+    ):
         global_batch({"x0": data}, mesh, 32)
 
 

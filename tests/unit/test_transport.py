@@ -220,6 +220,155 @@ def test_inverse_cdf_16_steps_at_s_0p1_matches_float64_reimplementation():
     assert np.max(np.abs(np.sum(np.exp(LOGW_3) * np_erf(d / np.sqrt(2.0)), -1) - u)) > 1e-4
 
 
+def np_bisection_inverse_cdf(means, weights, s, u, iters=200):
+    """Brute-force float64 inverse of the scaled CDF: bisection on [-100, 100], points on axis 0.
+
+    means, weights: [N, K]; s: scalar or [N]; u: [N]. Independent of any bracket or start choice.
+    """
+    lo, hi = np.full(u.shape, -100.0), np.full(u.shape, 100.0)
+    s = np.broadcast_to(s, u.shape)[:, None]
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        f = np.sum(weights * np_erf((mid[:, None] - means) / s / np.sqrt(2.0)), axis=-1) - u
+        lo, hi = np.where(f < 0, mid, lo), np.where(f < 0, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def _separated_and_moderate_1d_gms():
+    """1-D GMs [N, K=3] x z in [-4, 4]: oracle 21's moderate cases and the well-separated s <= 0.15.
+
+    Equal and unequal weights; returns (means, logweights, s, z), each with N = 6 * 3 * 81 rows.
+    """
+    z = np.linspace(-4.0, 4.0, 81)
+    rows = []
+    for s in (1.0, 0.5, 0.3, 0.15, 0.1, 0.05):
+        for lw in (LOGW_3, np.log([0.7, 0.2, 0.1]), np.log([0.01, 0.01, 0.98])):
+            for zi in z:
+                rows.append((MEANS_3, lw, s, zi))
+    means, logweights, s, z = (np.array(col) for col in zip(*rows, strict=True))
+    return means, logweights, s, z
+
+
+def test_bracketed_inverse_cdf_matches_float64_bisection_including_separated_modes():
+    """The KR solver (bracketed Halley, `KR_SOLVER_STEPS`) against a brute-force float64 bisection.
+
+    Unlike the 16 clamped Newton steps (oracle 21, which do not converge for s <= 0.15), it reaches
+    the root also for well-separated modes: to 1e-9 in float64, and in float32 to the float32
+    resolution of F (|F(y) - u| < 2e-6, and y within 1e-4 where the density is not tiny).
+    """
+    means, logweights, s, z = _separated_and_moderate_1d_gms()
+    u = np_erf(z / np.sqrt(2.0))
+    ref = np_bisection_inverse_cdf(means, np.exp(logweights), s, u)
+    solve = jax.jit(T.gm1d_inverse_cdf_bracketed)
+    with jax.enable_x64(True):
+        y64 = np.asarray(solve(*(jnp.asarray(a) for a in (means, logweights, np.log(s), z))))
+    np.testing.assert_allclose(y64, ref, atol=1e-9)
+    y32 = solve(*(jnp.asarray(a, jnp.float32) for a in (means, logweights, np.log(s), z)))
+    assert y32.dtype == jnp.float32
+    y32 = np.asarray(y32, np.float64)
+    d = (y32[:, None] - means) / s[:, None]
+    residual = np.sum(np.exp(logweights) * np_erf(d / np.sqrt(2.0)), axis=-1) - u
+    assert np.max(np.abs(residual)) < 2e-6
+    pdf = np.sum(np.exp(logweights) * np.exp(-0.5 * d * d), axis=-1) / s / np.sqrt(2.0 * np.pi)
+    dense = pdf > 1e-2
+    assert dense.mean() > 0.9
+    assert np.max(np.abs(y32 - ref)[dense]) < 1e-4
+    # The separated cases are genuinely hard for the reference iteration (so the check has power).
+    newton = np.concatenate(
+        [
+            np_newton(means[i], logweights[i], s[i], u[i : i + 1], z[i : i + 1], 16)
+            for i in range(0, len(z), 7)
+        ]
+    )
+    assert np.max(np.abs(newton - ref[::7])) > 1e-2
+
+
+def test_bracketed_inverse_cdf_is_exact_for_one_component_and_uses_the_bracket():
+    """K = 1: the bracket is the point mu + s z (no iteration needed). 0 steps: the clipped proxy."""
+    z = np.array([-3.0, -0.5, 0.0, 2.0])
+    with jax.enable_x64(True):
+        y = T.gm1d_inverse_cdf_bracketed(
+            jnp.full((4, 1), 0.7), jnp.zeros((4, 1)), math.log(0.3), jnp.asarray(z)
+        )
+        np.testing.assert_allclose(np.asarray(y), 0.7 + 0.3 * z, rtol=0, atol=1e-15)
+        # Two modes far apart: the proxy m + sqrt(v) z (v = 25 + s^2) lies outside the bracket
+        # [min mu + s z, max mu + s z] = [-5 + z, 5 + z] for z = 3, and is clipped to its end.
+        y0 = T.gm1d_inverse_cdf_bracketed(
+            jnp.array([-5.0, 5.0]), jnp.log(jnp.array([0.5, 0.5])), 0.0, jnp.array(3.0), n_steps=0
+        )
+        assert float(y0) == pytest.approx(8.0, abs=1e-12)
+
+
+def np_kr_bisection(means, logweights, logstds, v, z):
+    """Float64 brute-force Gaussian -> GM KR map (§2.10) with bisection per rotated axis.
+
+    means [B, *P, K, C], logweights [B, *P, K, 1], logstds [B, 1.., 1], v [B, C, C], z [B, n, *P, C].
+    """
+    b, n = z.shape[:2]
+    c = means.shape[-1]
+    means_rot = np.einsum("b...kc,bca->b...ka", means, v)[:, None]  # [B, 1, *P, K, C]
+    means_rot = np.broadcast_to(means_rot, (b, n) + means_rot.shape[2:])
+    lw = np.broadcast_to(logweights[:, None, ..., 0], means_rot.shape[:-1])
+    s = np.broadcast_to(np.exp(logstds[:, None, ..., 0, 0]), z.shape[:-1])
+    flat = lambda a: a.reshape(-1, *a.shape[z.ndim - 1 :])  # noqa: E731
+    m_f, lw_f, s_f = flat(means_rot), flat(lw), s.reshape(-1)
+    z_f = z.reshape(-1, c)
+    y = np.zeros_like(z_f)
+    sq = np.zeros_like(lw_f)
+    for a in range(c):
+        logits = lw_f - 0.5 * sq
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        y[:, a] = np_bisection_inverse_cdf(m_f[..., a], w, s_f, np_erf(z_f[:, a] / np.sqrt(2.0)))
+        sq += ((y[:, a : a + 1] - m_f[..., a]) / s_f[:, None]) ** 2
+    return np.einsum("bcd,b...d->b...c", v, y.reshape(z.shape))
+
+
+def test_gaussian_to_gm_matches_float64_brute_force_kr_and_the_16_step_newton_map():
+    """The fast KR map against the float64 bisection KR oracle and the reference 16-step iteration.
+
+    A GM like the benchmark's latent GMs (K = 8, C = 4, unit-scale means, s in [0.37, 1]), where the
+    reference's 16 clamped Newton steps converge: both maps agree with the oracle (float32 noise,
+    amplified by 1 / pdf in the tails), so the faster solver keeps the reference's samples.
+    """
+    rng = np.random.default_rng(5)
+    b, h, w, k, c, n = 2, 3, 3, 8, 4, 40
+    means = rng.normal(size=(b, h, w, k, c))
+    logits = rng.normal(size=(b, h, w, k, 1))
+    logweights = logits - np.log(np.sum(np.exp(logits), axis=-2, keepdims=True))
+    logstds = rng.uniform(-1.0, 0.0, size=(b, 1, 1, 1, 1))
+    z = rng.normal(size=(b, n, h, w, c))
+    gm = to_jax_gm((means, logweights, logstds), jnp.float32)
+    v = kr_rotation(gm)
+    ref = np_kr_bisection(means, logweights, logstds, np.asarray(v, np.float64), z)
+    fast = np.asarray(to_gm(gm, jnp.asarray(z, jnp.float32), v), np.float64)
+    newton = np.asarray(jax.jit(_kr_with_newton)(gm, jnp.asarray(z, jnp.float32), v), np.float64)
+    for got in (fast, newton):
+        err = np.max(np.abs(got - ref), axis=-1)
+        assert np.quantile(err, 0.99) < 2e-5 and np.max(err) < 1e-2
+    err = np.max(np.abs(fast - newton), axis=-1)
+    assert np.quantile(err, 0.99) < 2e-5 and np.max(err) < 1e-2
+
+
+def _kr_with_newton(gm, z, v):
+    """The reference KR map: sequential slice GMs solved by `gm1d_inverse_cdf` (16 Newton steps)."""
+    means_rot = jnp.einsum("b...kc,bca->b...ka", gm.means, v)[:, None]  # [B, 1, *P, K, C]
+    lw = gm.logweights[:, None, ..., 0]
+    logstd = gm.logstds[:, None, ..., 0, 0]
+    ys, sq = [], 0.0
+    for a in range(z.shape[-1]):
+        y = T.gm1d_inverse_cdf(
+            means_rot[..., a],
+            jax.nn.log_softmax(lw - 0.5 * sq, axis=-1),
+            logstd,
+            jax.lax.erf(z[..., a] / math.sqrt(2.0)),
+            z_init=z[..., a],
+        )
+        sq = sq + ((y[..., None] - means_rot[..., a]) / jnp.exp(logstd)[..., None]) ** 2
+        ys.append(y)
+    return jnp.einsum("bcd,b...d->b...c", v, jnp.stack(ys, -1))
+
+
 # ------------------------------------------------------------------------------------------------
 # §2.10 Knothe-Rosenblatt transport (oracles 22-24)
 # ------------------------------------------------------------------------------------------------

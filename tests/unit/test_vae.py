@@ -1,4 +1,5 @@
-"""Tests of the Flax AutoencoderKL and its diffusers converter (gmflow_jax.models.vae, `docs/math.md` §4.8).
+"""Tests of the Flax AutoencoderKL (gmflow_jax.models.vae) and its diffusers converter
+(gmflow_jax.interop.key_table, tools/convert_vae.py), `docs/math.md` §4.8.
 
 The oracle is a float64 NumPy forward pass (NCHW, torch weight layouts) that reads the diffusers state
 dict directly; the state dict's keys and shapes come from `_diffusers_layout`, a plain description of
@@ -20,10 +21,10 @@ from flax import nnx
 from helpers.official_layout import TINY_VAE_CONFIG as TINY_CONFIG
 from safetensors.numpy import save_file
 
+from gmflow_jax.interop.key_table import convert_vae_state_dict
 from gmflow_jax.models.vae import (
     AutoencoderKL,
     VAEConfig,
-    convert_diffusers_state_dict,
     count_vae_params,
     images_to_latents,
     latents_to_images,
@@ -264,7 +265,7 @@ def tiny():
     """Tiny config, its random diffusers state dict, the float64 oracle and converted params."""
     sd = _random_state_dict(_diffusers_layout(TINY_CONFIG))
     config = VAEConfig.from_diffusers(TINY_CONFIG)
-    params = convert_diffusers_state_dict(sd, config)
+    params = convert_vae_state_dict(sd, config)
     return {"sd": sd, "config": config, "params": params, "oracle": _Oracle(sd, TINY_CONFIG)}
 
 
@@ -452,7 +453,7 @@ def test_converter_names_unmapped_missing_duplicate_and_misshaped_keys(tiny):
     ]
     sd["decoder.up_blocks.0.resnets.0.conv_shortcut.weight"] = np.zeros((64, 64, 1, 1), np.float32)
     with pytest.raises(ValueError) as info:
-        convert_diffusers_state_dict(sd, config)
+        convert_vae_state_dict(sd, config)
     msg = str(info.value)
     for fragment in (
         "unmapped",
@@ -474,8 +475,11 @@ def test_converter_names_unmapped_missing_duplicate_and_misshaped_keys(tiny):
         vae_from_params(config, params)
 
 
-def test_converter_cli_refuses_a_folder_without_weights(tmp_path):
-    """The CLI names the missing file."""
+def test_converter_cli_refuses_a_folder_without_weights(tmp_path, capsys):
+    """The CLI names the missing file in one line on stderr, exits 1 and writes nothing."""
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
-        _load_cli().main(["--vae_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")])
+    assert _load_cli().main(["--vae_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "diffusion_pytorch_model.safetensors" in err
+    assert not (tmp_path / "out").exists()
