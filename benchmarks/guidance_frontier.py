@@ -340,8 +340,9 @@ def main(argv: list[str]) -> None:
     ap.add_argument(
         "--steps",
         type=int,
-        default=DEFAULT_STEPS,
-        help="training steps of each model (0: the config's own, 6000 for small)",
+        default=None,
+        help=f"training steps of each model (default: {DEFAULT_STEPS} for size small, else the "
+        "config's own)",
     )
     ap.add_argument("--per_class", type=int, default=500, help="samples per class and setting")
     ap.add_argument("--nfes", default="4,8,32")
@@ -371,8 +372,10 @@ def main(argv: list[str]) -> None:
     for variant, sub in (("classes", args.gm_workdir), ("classes_baseline", args.baseline_workdir)):
         config = load_config(f"{args.size}_{variant}")
         config.seed = args.seed
-        if args.steps:
+        if args.steps is not None:
             config.train.num_steps = args.steps
+        elif args.size == "small":
+            config.train.num_steps = DEFAULT_STEPS
         config.sample.guidance_nfes = nfes
         config.sample.gm_cfg_rows = tuple(r for r in args.gm_cfg.split(",") if r)
         workdir = sub or os.path.join(

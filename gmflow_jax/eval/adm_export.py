@@ -36,6 +36,7 @@ name                            what it does
 `generate_samples`              the resumable loop: write missing shards, then merge
 `read_shard`                    a shard's arrays when complete and matching, else None
 `merge_shards`                  stream every shard into one `samples.npz` (ADM evaluator input)
+`log_progress`                  one progress line (batches done, rate, time left)
 `OutDirError`                   out_dir holds other settings' samples, or a damaged shard at merge
 ==============================  ================================================================
 

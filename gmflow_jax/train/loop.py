@@ -32,7 +32,6 @@ uses fold_in(key, i)), data and evaluation; a resumed run therefore continues bi
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -56,7 +55,10 @@ from gmflow_jax.parallel.sharding import (
     global_batch,
     process_rows,
 )
+from gmflow_jax.paths import join, make_dirs
+from gmflow_jax.run_config import check_run_config, restart_requested
 from gmflow_jax.train.flops import devices_peak_flops, gm_dit_train_flops
+from gmflow_jax.train.health import check_finite_state
 from gmflow_jax.train.optimizer import make_adamw
 from gmflow_jax.train.profiling import ProfileSettings, StepProfiler, profile_settings
 from gmflow_jax.train.reporting import TrainReporter, read_train_log, record_session
@@ -128,7 +130,7 @@ def train(
     """
     start_distributed(config)  # no-op in a single process or when already joined
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    make_dirs(workdir)
     if lead:
         task.prepare_workdir(workdir)
     mesh = run_mesh(config)
@@ -154,7 +156,7 @@ def train(
 
     t_start = time.perf_counter()
     ckpt = Checkpointer(
-        os.path.join(workdir, "checkpoints"),
+        join(workdir, "checkpoints"),
         max_to_keep=config.checkpoint.max_to_keep,
         save_every=config.checkpoint.every_steps,
         async_save=config.checkpoint.async_save,
@@ -162,6 +164,14 @@ def train(
     )
     info: dict[str, Any] = {"steps": num_steps, "mesh": mesh_shape(mesh), "preempted": False}
     try:
+        # Before anything is restored: a workdir's checkpoints only resume the run that wrote them
+        # (a changed model, optimizer, data or loss field is refused with a diff), unless a restart
+        # is asked for explicitly, which moves the old checkpoints aside (never deletes them).
+        check_run_config(config, workdir, has_checkpoints=bool(ckpt.all_steps()), write=lead)
+        if restart_requested(config) and ckpt.all_steps():
+            moved = ckpt.move_all_aside("restarted")
+            if lead:
+                print(f"checkpoint.restart: moved the previous checkpoints to {moved}")
         state, how = restore_or_init(
             ckpt, init, restore_from=config.checkpoint.restore_from or None, data_iterator=iterator
         )
@@ -193,13 +203,15 @@ def train(
                 batch_size=batch_size,
                 flops_per_step=flops_per_step,
                 peak_flops=devices_peak_flops(list(mesh.devices.flat)),
+                max_consecutive_skips=int(config.train.get("max_consecutive_skips", 100)),
             )
             watch = _Watch(task, graphdef, workdir, eval_every, profile, reporter, start)
             state, run = _run_steps(
                 config, state, step_fn, batches, layout, iterator, ckpt, start, callback, watch
             )
             info.update(run)
-        if not info["preempted"]:
+        if not info["preempted"] and int(state.step) not in ckpt.all_steps():
+            check_finite_state(state, int(state.step))
             ckpt.save(int(state.step), state, force=True, data_iterator=iterator)
     finally:
         ckpt.close()
@@ -273,6 +285,19 @@ class _Watch:
             self.reporter.close()
 
 
+def _save(ckpt, reporter, state, done, iterator, *, force: bool) -> None:
+    """Save step `done` unless something non-finite would be saved.
+
+    Why the checks here: a checkpoint is what a rerun trusts, so the pending metrics are fetched and
+    checked first (a non-finite loss was applied to the weights) and then the parameters and EMA
+    themselves (one fused reduction); either raises, naming the step, with the last good
+    checkpoint left intact (max_to_keep never rotates it out for a bad one).
+    """
+    reporter.flush(done)
+    check_finite_state(state, done)
+    ckpt.save(done, state, force=force, data_iterator=iterator)
+
+
 def _run_steps(config, state, step_fn, batches, layout, iterator, ckpt, start, callback, watch):
     """Steps `start` .. num_steps - 1 (or up to a preemption); returns (state, info entries)."""
     num_steps = int(config.train.num_steps)
@@ -287,10 +312,12 @@ def _run_steps(config, state, step_fn, batches, layout, iterator, ckpt, start, c
             done = step + 1
             if callback is not None:
                 callback("step", {"step": step, "metrics": metrics, "batch": host_batch})
-            ckpt.save(done, state, data_iterator=iterator)
+            if done % reporter.log_every == 0:
+                ckpt.check_errors()  # a failed background save stops the run with its error
+            if done % ckpt.save_every == 0:
+                _save(ckpt, reporter, state, done, iterator, force=False)
             if ckpt.reached_preemption(done):
-                reporter.flush(done)
-                ckpt.save(done, state, force=True, data_iterator=iterator)
+                _save(ckpt, reporter, state, done, iterator, force=True)
                 out["preempted"] = True
                 if callback is not None:
                     callback("preempted", {"step": done})

@@ -19,7 +19,6 @@ plus the `eval/samples` image of the periodic evaluation. Only process 0 writes 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,9 @@ import jax
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from gmflow_jax.atomic_file import write_json_atomic
+from gmflow_jax.atomic_file import read_json_or_set_aside, set_aside, write_json_atomic
+from gmflow_jax.paths import join
+from gmflow_jax.train.health import DEFAULT_MAX_CONSECUTIVE_SKIPS, SkipCounter
 from gmflow_jax.train.progress import Progress, ProgressReport
 from gmflow_jax.train.summaries import write_config, write_scalars
 
@@ -61,19 +62,22 @@ def check_finite_metrics(history: Sequence[tuple[int, dict[str, float]]]) -> Non
 
 
 def read_train_log(workdir: str) -> list[dict[str, Any]]:
-    """The training sessions recorded in the workdir (empty if none)."""
-    path = os.path.join(workdir, TRAIN_LOG_FILE)
-    if not os.path.exists(path):
+    """The training sessions recorded in the workdir (empty if none; a damaged log is set aside
+    with a warning and started anew, so it never blocks the workdir)."""
+    path = join(workdir, TRAIN_LOG_FILE)
+    record = read_json_or_set_aside(path, {"sessions": []})
+    sessions = record.get("sessions") if isinstance(record, dict) else None
+    if not isinstance(sessions, list):
+        set_aside(path, "no 'sessions' list")
         return []
-    with open(path) as f:
-        return json.load(f)["sessions"]
+    return sessions
 
 
 def record_session(workdir: str, session: dict[str, Any], write: bool) -> list[dict[str, Any]]:
     """Append one invocation's record to `train_log.json` (atomically, when `write`); returns all."""
     sessions = [*read_train_log(workdir), session]
     if write:
-        write_json_atomic(os.path.join(workdir, TRAIN_LOG_FILE), {"sessions": sessions})
+        write_json_atomic(join(workdir, TRAIN_LOG_FILE), {"sessions": sessions})
     return sessions
 
 
@@ -92,12 +96,14 @@ class TrainReporter:
         batch_size: int | None = None,
         flops_per_step: float | None = None,
         peak_flops: float | None = None,
+        max_consecutive_skips: int = DEFAULT_MAX_CONSECUTIVE_SKIPS,
     ):
         """Open TensorBoard (`workdir/tensorboard`) on the lead process, write `config` there, and
         start the clock (`start` is the first step this invocation runs).
 
         `flops_per_step` (model FLOPs of one global step) and `peak_flops` (summed peak of the
-        job's devices) give MFU; either None: no MFU.
+        job's devices) give MFU; either None: no MFU. More than `max_consecutive_skips` skipped
+        steps in a row (non-finite gradients) stop the run (`health.TooManySkippedStepsError`).
         """
         self.num_steps = num_steps
         self.log_every = max(1, log_every)
@@ -109,6 +115,7 @@ class TrainReporter:
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []
         self.final_loss = float("nan")
         self.last_report: ProgressReport | None = None
+        self.skips = SkipCounter(max_consecutive_skips)
         # Last: the clock starts here, so opening TensorBoard is not part of the compile time.
         self.progress = Progress(
             start,
@@ -137,7 +144,8 @@ class TrainReporter:
             self.flush(done)
 
     def flush(self, done: int) -> None:
-        """Fetch the pending metrics (one host sync), check them, log them; `done` steps are done."""
+        """Fetch the pending metrics (one host sync), check them, count skipped steps, log them;
+        `done` steps are done."""
         if not self.pending:
             return
         history = [
@@ -145,16 +153,23 @@ class TrainReporter:
         ]
         self.pending.clear()
         check_finite_metrics(history)
+        skipped = self.skips.update(history)
         self.final_loss = history[-1][1]["loss"]
         report = self.progress.update(done, {"loss": self.final_loss})
         if math.isfinite(report.steps_per_s):
             self.last_report = report
         self._print(report.line)
+        if skipped:
+            self._print(
+                f"{skipped} step(s) skipped for non-finite gradients since the last report, "
+                f"{self.skips.total} in this invocation"
+            )
         if self.writer is not None:
             for s, m in history:
                 for name in LOGGED_METRICS:
                     if name in m:
                         self.writer.add_scalar(f"train/{name}", m[name], s)
+            self.writer.add_scalar("train/skipped_steps_total", self.skips.total, done)
             if math.isfinite(report.steps_per_s):
                 rates = {"steps_per_s": report.steps_per_s}
                 if report.images_per_s is not None:

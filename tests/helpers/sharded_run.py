@@ -105,6 +105,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--coordinator", default="")
     p.add_argument("--num_processes", type=int, default=1)
     p.add_argument("--process_id", type=int, default=0)
+    p.add_argument(
+        "--interleave_processes",
+        action="store_true",
+        help="build the mesh over the devices in the order p0 d0, p1 d0, p0 d1, ... (as a real "
+        "slice spreads each host's devices), so each process holds several blocks of rows",
+    )
     return p.parse_args(argv)
 
 
@@ -155,6 +161,17 @@ def main(argv: list[str]) -> int:
     flags.FLAGS.mark_as_parsed()  # grain reads absl flags
     config = make_config(args)
     start_distributed(config)  # before anything touches a device
+    if args.interleave_processes:
+        from gmflow_jax.parallel.mesh import make_mesh
+        from gmflow_jax.train import loop
+
+        groups = [
+            [d for d in jax.devices() if d.process_index == p] for p in range(jax.process_count())
+        ]
+        order = [d for group in zip(*groups, strict=True) for d in group]
+        # Why replace run_mesh: the loop builds its mesh over jax.devices(), whose CPU order keeps
+        # each process's devices together; the real make_mesh then runs on the interleaved order.
+        loop.run_mesh = lambda cfg: make_mesh(cfg.get("mesh"), devices=order)
     keys = run_keys(config.seed)
     task = tasks.make_task(config, keys)
     log = open(f"{args.log}.p{jax.process_index()}", "a")

@@ -9,6 +9,9 @@ batch 8, mesh data=2 x fsdp=4):
   orbax checkpoint (state + one data-iterator state per process) every 2 steps. Once process 1 has
   logged step 2 it alone receives SIGTERM: JAX's preemption sync must stop both processes at one
   agreed step, which both checkpoint before exiting with status 0;
+* S: two processes x 4 devices on the single-slice path (`dcn_data=1`, fsdp over all 8 devices),
+  the mesh built over the devices in alternating process order (as a real slice spreads a host's
+  devices), so each process reads four one-row blocks of every global batch;
 * M1: one process, 8 devices, resumes M's preemption checkpoint (written by 2 processes: the data
   iterator is positioned from the step) and runs to STEPS.
 
@@ -95,6 +98,24 @@ def runs(tmp_path_factory):
         )  # fmt: skip
         for i in range(2)
     ]
+    single = f"127.0.0.1:{_free_port()}"
+    single_slice = [
+        _start(
+            root,
+            "S",
+            i,
+            steps=STEPS,
+            devices=4,
+            extra=(
+                "--mesh=1,8,1",
+                "--interleave_processes",
+                f"--coordinator={single}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            ),
+        )  # fmt: skip
+        for i in range(2)
+    ]
     reference = _start(root, "R", 0, steps=STEPS, devices=8, extra=("--mesh=2,4,1",))
     deadline = time.time() + TIMEOUT
     while not any(e["event"] == "step" and e["step"] >= 2 for e in _log_if(root / "M.log.p1")):
@@ -103,7 +124,7 @@ def runs(tmp_path_factory):
         )
         time.sleep(0.05)
     multi[1][0].send_signal(signal.SIGTERM)
-    _wait_all([*multi, reference])
+    _wait_all([*multi, *single_slice, reference])
     shutil.copytree(root / "M" / "checkpoints", root / "M1" / "checkpoints")
     _wait_all([_start(root, "M1", 0, steps=STEPS, devices=8, extra=("--mesh=2,4,1",))])
     return root
@@ -127,6 +148,24 @@ def test_two_processes_equal_one_process_with_8_devices(runs):
     for p, half in ((0, slice(0, 4)), (1, slice(4, 8))):
         ids = {e["step"]: e["ids"] for e in _log(runs / f"M.log.p{p}") if e["event"] == "step"}
         assert all(ids[s] == ref_ids[s][half] for s in range(stop)), p
+
+
+def test_single_slice_mesh_with_interleaved_processes_equals_one_process(runs):
+    # S: fsdp over all 8 devices of 2 processes (dcn_data=1), the mesh's device order alternating
+    # the processes, so process p holds rows p, p+2, p+4, p+6 of every batch: four blocks each
+    single, ref = _losses(runs / "S.log.p0"), _losses(runs / "R.log.p0")
+    assert single == _losses(runs / "S.log.p1")
+    assert sorted(single) == list(range(STEPS))
+    np.testing.assert_allclose(
+        [single[s] for s in range(STEPS)], [ref[s] for s in range(STEPS)], rtol=1e-5
+    )
+    ref_ids = {e["step"]: e["ids"] for e in _log(runs / "R.log.p0") if e["event"] == "step"}
+    for p in (0, 1):
+        ids = {e["step"]: e["ids"] for e in _log(runs / f"S.log.p{p}") if e["event"] == "step"}
+        assert all(ids[s] == ref_ids[s][p::2] for s in range(STEPS)), p
+    final, want = np.load(runs / "S.npz"), np.load(runs / "R.npz")
+    for key in want.files:
+        np.testing.assert_allclose(final[key], want[key], rtol=1e-5, atol=LR_STEP_TOL, err_msg=key)
 
 
 def test_sigterm_on_one_host_stops_every_host_at_one_checkpointed_step(runs):

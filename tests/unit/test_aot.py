@@ -118,6 +118,34 @@ def test_tiny_train_step_compiles_for_v5p_with_consistent_figures(tiny_compile):
     assert "== train_step (global_batch=16, per_chip=2" in text
 
 
+def test_parameter_gathers_of_the_bf16_step_move_bf16(tiny_compile):
+    # the linears cast their float32 parameters to the compute dtype before the product, so the
+    # TPU compiler gathers the bf16 copies (half the bytes of gathering the float32 shards)
+    _, reports, _, _ = tiny_compile
+    gathers = [
+        op
+        for op in reports["train_step"].ops
+        if op.kind in ("all-gather", "collective-permute") and op.op_name.endswith("dot_general")
+    ]
+    assert gathers
+    assert all(op.shape.startswith("bf16[") for op in gathers), [op.shape for op in gathers]
+
+
+def test_loop_collectives_are_listed_with_shapes_and_op_names():
+    ops = aot.collective_ops(HLO)
+    assert [(op.kind, op.in_loop, op.shape.split("{")[0], op.bytes) for op in ops] == [
+        ("all-gather", True, "bf16[16,8]", 256),
+        ("reduce-scatter", True, "f32[2,8]", 64),
+        ("all-reduce", False, "f32[1024]", 4096),
+        ("collective-permute", False, "f32[3]", 12),
+    ]
+    report = aot.ProgramReport("p", 0, 0, 0, 0, 0, 0, 0.0, aot.collectives_of(HLO), {}, ops)
+    assert aot.loop_collective_lines(report) == [
+        "    all-gather bf16[16,8] x1  []",
+        "    reduce-scatter f32[2,8] x1  []",
+    ]
+
+
 def test_tiny_sampler_compiles_with_its_scan_as_a_loop(tiny_compile):
     _, reports, _, text = tiny_compile
     sampler = reports["sampler"]
