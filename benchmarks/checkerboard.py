@@ -12,7 +12,8 @@ then prints:
 2. speed, measured in this run: the fp32 matmul peak (4096^2 `jnp.dot`), the K=64 and K=1 train steps
    at batch 4096 through the mesh loop (`train.step.jit_train_step` fed by the task's batches) as a
    fraction of that peak (analytic MLP FLOPs: 3x the forward), next to the old plain `jax.jit` of the
-   same step timed in alternating blocks, sampling points/s per solver
+   same step timed in alternating blocks, the K=64 / K=1 step ratio and the share of the K=64 step in
+   the GM loss (its forward + backward alone, minus the L2 loss's), sampling points/s per solver
    at NFE 8, and the share of sampling time spent outside the network forward (the solver math).
 
 Timings need an idle machine: JAX drops to about one core under load from another process.
@@ -34,6 +35,8 @@ from flax import nnx
 
 from gmflow_jax import solvers
 from gmflow_jax.data.checkerboard import checkerboard_batch
+from gmflow_jax.gm import GM
+from gmflow_jax.losses import flow_matching_l2_loss, transition_nll_loss
 from gmflow_jax.models.builder import build_model
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.parallel.sharding import process_rows
@@ -110,7 +113,7 @@ def _step_paths(config, batch_size: int):
     def old():
         h = holders["old"]
         h["state"], metrics = old_step(
-            h["state"], old_batch(keys["data"], jnp.int32(h["i"]), batch_size)
+            h["state"], {"x0": old_batch(keys["data"], jnp.int32(h["i"]), batch_size)}
         )
         h["i"] += 1
         return metrics["loss"]
@@ -145,6 +148,39 @@ def loop_step_speed(config, batch_size: int, runs: int, steps: int = 10) -> dict
         "ratio": new_s / old_s,
         "gflops": flops / new_s / 1e9,
     }
+
+
+def gm_loss_ms(batch_size: int, num_gaussians: int, runs: int) -> dict:
+    """Forward + backward ms of the transition GM-NLL (K components) and of the L2 loss alone.
+
+    Both on fixed network outputs at the checkerboard layout (x [B, 1, 1, 2]), so that the
+    difference is the GM loss's own cost in a train step (the GM head's projection is counted in the
+    analytic MLP FLOPs). Timed in alternating blocks.
+    """
+    keys = jax.random.split(jax.random.PRNGKey(7), 6)
+    b, k, c = batch_size, num_gaussians, 2
+    means = jax.random.normal(keys[0], (b, 1, 1, k, c))
+    logits = jax.random.normal(keys[1], (b, 1, 1, k, 1))
+    logstds = jnp.full((b, 1, 1, 1, 1), -1.0)
+    x_high, x_low = (jax.random.normal(kk, (b, 1, 1, c)) for kk in keys[2:4])
+    t_high = jax.random.uniform(keys[4], (b,), minval=1.0, maxval=1000.0)
+    t_low = 0.8 * t_high
+
+    def gm_loss(m, lg, ls):
+        gm_u = GM(m, jax.nn.log_softmax(lg, axis=-2), ls)
+        return transition_nll_loss(gm_u, x_high, t_high, x_low, t_low)[0]
+
+    def l2_loss(u):
+        return flow_matching_l2_loss(u, x_low, x_high, t_high)[0]
+
+    gm_fn = jax.jit(jax.value_and_grad(gm_loss, argnums=(0, 1, 2)))
+    l2_fn = jax.jit(jax.value_and_grad(l2_loss))
+    u = means[..., 0, :]
+    times = {"gm": [], "l2": []}
+    for _ in range(runs):
+        times["gm"].append(_median_time(lambda: gm_fn(means, logits, logstds), 5))
+        times["l2"].append(_median_time(lambda: l2_fn(u), 5))
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def sampling_speed(config, ema_params, graphdef, num_points: int, runs: int) -> list[dict]:
@@ -263,15 +299,23 @@ def main() -> None:
     print("\n## Speed (this run)")
     peak = matmul_peak_gflops(runs=args.runs)
     print(f"fp32 matmul peak (4096^2 jnp.dot): {peak:.1f} GFLOP/s")
+    steps = {}
     for variant in ("full", "full_baseline"):
         cfg = cb_config.get_config(variant)
         speed = loop_step_speed(cfg, 4096, args.runs)
+        steps[variant] = speed["step_ms"]
         print(
-            f"train step, batch 4096, {'baseline' if cfg.model.mean_only else 'GMFlow K=64'}: "
+            f"train step, batch 4096, {'baseline K=1' if cfg.model.mean_only else 'GMFlow K=64'}: "
             f"{speed['step_ms']:.1f} ms through the mesh loop, {speed['gflops']:.1f} GFLOP/s = "
             f"{100 * speed['gflops'] / peak:.0f}% of peak; old plain jit {speed['old_ms']:.1f} ms "
             f"(mesh / plain = {speed['ratio']:.3f})"
         )
+    loss = gm_loss_ms(4096, cb_config.get_config("full").model.num_gaussians, args.runs)
+    print(
+        f"K=64 step / K=1 step = {steps['full'] / steps['full_baseline']:.3f} (target <= 1.10); "
+        f"GM loss fwd+bwd alone {loss['gm']:.2f} ms vs L2 {loss['l2']:.2f} ms: the GM head's loss is "
+        f"{100 * (loss['gm'] - loss['l2']) / steps['full']:.1f}% of the K=64 step"
+    )
     for variant in ("", "baseline"):
         cfg = cb_config.get_config(variant)
         keys = run_keys(cfg.seed)

@@ -1,9 +1,9 @@
 """Probabilistic guidance vs CFG where it can be measured exactly: the class-conditional checkerboard.
 
-Trains (or reuses, from their workdirs) GMFlow (K = 64, `configs/checkerboard.py:classes`) and the K = 1
-flow-matching baseline with the same trunk, steps, batch and label dropout
-(`configs/checkerboard.py:classes_baseline`), then, with the EMA weights and the same initial noise for
-every setting, sweeps
+Trains (or reuses, from their workdirs) GMFlow (K = 64, `configs/checkerboard.py:classes`) and the
+K = 1 flow-matching baseline with the same trunk, steps, batch and label dropout
+(`configs/checkerboard.py:classes_baseline`), then, with the EMA weights and the same initial noise
+for every setting, sweeps
 
 ==============================  ==============================================================
 method                          guidance
@@ -21,12 +21,12 @@ metrics of `gmflow_jax/eval/guidance_checkerboard.py` (precision, within-cell TV
 over-shoot, concentration; the exact-sample floor alongside). No orthogonal projection (see
 `configs/checkerboard.py`, `_class_conditional`).
 
-Reports: per method and NFE the Pareto frontier of precision (up) against within-cell TV (down); at NFE
-4 and 8 the comparison of the probabilistic-guidance frontier (union of the GM rows) with CFG's
+Reports: per method and NFE the Pareto frontier of precision (up) against within-cell TV (down); at
+NFE 4 and 8 the comparison of the probabilistic-guidance frontier (union of the GM rows) with CFG's
 (union of the baseline rows, and GMFlow + CFG separately): precision at equal within-cell TV and
-within-cell TV at equal precision on a grid of levels both frontiers reach, and the over-shoot of each
-at its best-precision setting. Prints a markdown table; writes `<workdir>/benchmark.json` after every
-setting (a rerun skips settings already there) and `<workdir>/guidance_frontier.png` (top: one
+within-cell TV at equal precision on a grid of levels both frontiers reach, and the over-shoot of
+each at its best-precision setting. Prints a markdown table; writes `<workdir>/benchmark.json` after
+every setting (a rerun skips settings already there) and `<workdir>/guidance_frontier.png` (top: one
 frontier panel per NFE; below: sample histograms of all 8 classes at each method's best-precision
 setting, one column per NFE).
 
@@ -84,9 +84,6 @@ FIGURE_FILE = "guidance_frontier.png"
 COMPARE_NFES = (4, 8)
 """NFEs of the PG vs CFG verdict."""
 
-NUM_LEVELS = 9
-"""Levels of the equal-TV / equal-precision comparisons (evenly spaced over the common range)."""
-
 DEFAULT_STEPS = 4000
 """Training steps of each model (batch 512): the 20-minute budget of the whole benchmark on an idle
 2-core machine (2 x 4000 steps at ~20 it/s, then the sweep)."""
@@ -132,33 +129,38 @@ def best_precision(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def compare_frontiers(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
-    """Frontier A vs frontier B on levels both reach: precision at equal TV, TV at equal precision.
+    """Settings A against settings B, at the points of each one's Pareto frontier.
 
-    TV levels span [max of the two minimum TVs, min of the two maximum TVs]; precision levels span
-    [max of the two minimum precisions, min of the two maximum precisions]. `a_better_*` counts the
-    levels where A is strictly better (higher precision / lower TV), `b_better_*` where B is.
+    For every frontier point (t, p) of B: A's best precision among its settings with within-cell TV
+    <= t (precision at equal TV; nan when A has no setting that low) and A's lowest TV among its
+    settings with precision >= p (TV at equal precision; nan when A never reaches p); B's point is
+    weakly dominated by A when A has a setting with TV <= t and precision >= p. A dominates B when
+    every frontier point of B is dominated. The same the other way round.
     """
     pa, ta = _arrays(a)
     pb, tb = _arrays(b)
-    tv_levels = np.linspace(max(ta.min(), tb.min()), min(ta.max(), tb.max()), NUM_LEVELS)
-    p_levels = np.linspace(max(pa.min(), pb.min()), min(pa.max(), pb.max()), NUM_LEVELS)
-    prec_a = frontier_precision_at(pa, ta, tv_levels)
-    prec_b = frontier_precision_at(pb, tb, tv_levels)
-    tv_a = frontier_tv_at(pa, ta, p_levels)
-    tv_b = frontier_tv_at(pb, tb, p_levels)
-    ok_t = tv_levels[0] <= tv_levels[-1]
-    ok_p = p_levels[0] <= p_levels[-1]
+
+    def side(p_x, t_x, p_y, t_y) -> dict[str, Any]:
+        front = pareto_frontier(p_y, t_y)
+        tv_at = t_y[front]
+        prec_at = p_y[front]
+        other_prec = frontier_precision_at(p_x, t_x, tv_at)
+        other_tv = frontier_tv_at(p_x, t_x, prec_at)
+        dominated = [bool(p >= q) for p, q in zip(other_prec, prec_at, strict=True)]
+        return {
+            "frontier_tv": tv_at.tolist(),
+            "frontier_precision": prec_at.tolist(),
+            "other_precision_at_tv": other_prec.tolist(),
+            "other_tv_at_precision": other_tv.tolist(),
+            "dominated": dominated,
+        }
+
+    b_side, a_side = side(pa, ta, pb, tb), side(pb, tb, pa, ta)
     return {
-        "tv_levels": tv_levels.tolist() if ok_t else [],
-        "precision_a_at_tv": prec_a.tolist() if ok_t else [],
-        "precision_b_at_tv": prec_b.tolist() if ok_t else [],
-        "precision_levels": p_levels.tolist() if ok_p else [],
-        "tv_a_at_precision": tv_a.tolist() if ok_p else [],
-        "tv_b_at_precision": tv_b.tolist() if ok_p else [],
-        "a_better_precision": int(np.sum(prec_a > prec_b)) if ok_t else 0,
-        "b_better_precision": int(np.sum(prec_b > prec_a)) if ok_t else 0,
-        "a_better_tv": int(np.sum(tv_a < tv_b)) if ok_p else 0,
-        "b_better_tv": int(np.sum(tv_b < tv_a)) if ok_p else 0,
+        "b_frontier_vs_a": b_side,
+        "a_frontier_vs_b": a_side,
+        "a_dominates_b": all(b_side["dominated"]),
+        "b_dominates_a": all(a_side["dominated"]),
         "a_best_precision": float(pa.max()),
         "b_best_precision": float(pb.max()),
         "a_best_tv": float(ta.min()),
@@ -175,6 +177,28 @@ def _fmt_setting(r: dict[str, Any]) -> str:
     )
 
 
+def _fmt_side(name: str, other: str, side: dict[str, Any]) -> str:
+    """One line: each frontier point of `name` with `other`'s precision at its TV and TV at its
+    precision."""
+    parts = []
+    for t, p, op, ot in zip(
+        side["frontier_tv"],
+        side["frontier_precision"],
+        side["other_precision_at_tv"],
+        side["other_tv_at_precision"],
+        strict=True,
+    ):
+        op_text = "none" if np.isnan(op) else f"{op:.3f}"
+        ot_text = "none" if np.isnan(ot) else f"{ot:.3f}"
+        parts.append(f"({t:.3f}, {p:.3f}): {other} prec {op_text}, TV {ot_text}")
+    dominated = sum(side["dominated"])
+    return (
+        f"{name} frontier (TV, precision) -> {other} precision at <= that TV, {other} TV at >= "
+        f"that precision: " + "; ".join(parts) + f" [{dominated} of {len(parts)} dominated by "
+        f"{other}]"
+    )
+
+
 def verdict_lines(results: list[dict[str, Any]]) -> list[str]:
     """The issue's comparisons at NFE 4 and 8, as printed lines."""
     lines = []
@@ -186,33 +210,31 @@ def verdict_lines(results: list[dict[str, Any]]) -> list[str]:
             if not pg or not other:
                 continue
             c = compare_frontiers(pg, other)
-            levels = len(c["tv_levels"])
+            if c["a_dominates_b"] and not c["b_dominates_a"]:
+                verdict = "PG dominates"
+            elif c["b_dominates_a"] and not c["a_dominates_b"]:
+                verdict = f"{other_name} dominates"
+            elif c["a_dominates_b"]:
+                verdict = "the frontiers coincide"
+            else:
+                verdict = "neither dominates"
             lines.append(
-                f"NFE {nfe}: PG vs {other_name}: precision at equal cell TV (over {levels} levels "
-                f"in [{c['tv_levels'][0]:.3f}, {c['tv_levels'][-1]:.3f}]): PG higher at "
-                f"{c['a_better_precision']}, {other_name} higher at {c['b_better_precision']}; "
-                f"cell TV at equal precision (levels in [{c['precision_levels'][0]:.3f}, "
-                f"{c['precision_levels'][-1]:.3f}]): PG lower at {c['a_better_tv']}, "
-                f"{other_name} lower at {c['b_better_tv']}"
-                if levels and c["precision_levels"]
-                else f"NFE {nfe}: PG vs {other_name}: the frontiers do not overlap"
+                f"NFE {nfe}: PG vs {other_name}: {verdict}; best precision PG "
+                f"{c['a_best_precision']:.4f} vs {c['b_best_precision']:.4f}, best cell TV PG "
+                f"{c['a_best_tv']:.4f} vs {c['b_best_tv']:.4f}"
             )
-            lines.append(
-                f"NFE {nfe}:   best precision PG {c['a_best_precision']:.4f} vs {other_name} "
-                f"{c['b_best_precision']:.4f}; best cell TV PG {c['a_best_tv']:.4f} vs "
-                f"{other_name} {c['b_best_tv']:.4f}"
-            )
+            lines.append(f"NFE {nfe}:   " + _fmt_side("PG", other_name, c["a_frontier_vs_b"]))
+            lines.append(f"NFE {nfe}:   " + _fmt_side(other_name, "PG", c["b_frontier_vs_a"]))
         for name in ("PG", "CFG", "GM+CFG"):
             group = [r for r in at if family(r["method"]) == name]
             if group:
-                lines.append(
-                    f"NFE {nfe}:   best-precision {name}: {_fmt_setting(best_precision(group))}"
-                )
+                best = _fmt_setting(best_precision(group))
+                lines.append(f"NFE {nfe}:   best-precision {name}: {best}")
     return lines
 
 
 def markdown_table(results: list[dict[str, Any]], floor: dict[str, float]) -> str:
-    """Per method and NFE: best precision (w), its cell TV / over-shoot / concentration, frontier."""
+    """Per method and NFE: best precision (w), its cell TV, over-shoot, concentration; frontier."""
     header = (
         "| method | NFE | best precision (w) | cell TV @ best prec. | over-shoot rate @ best prec. "
         "| over-shoot dist. @ best prec. | concentration @ best prec. | best cell TV (w) | "
@@ -266,6 +288,7 @@ def write_figure(
     styles = {"PG": "-", "CFG": "--", "GM+CFG": ":"}
     for c, nfe in enumerate(nfes):
         ax = fig.add_subplot(gs[0, c])
+        on_front: list[tuple[float, float]] = []
         for method in methods:
             group = [r for r in results if r["method"] == method and r["nfe"] == nfe]
             if not group:
@@ -273,6 +296,7 @@ def write_figure(
             p, t = _arrays(group)
             ax.scatter(t, p, s=8, color=colors[method], alpha=0.35)
             front = pareto_frontier(p, t)
+            on_front += [(t[i], p[i]) for i in front]
             ax.plot(
                 t[front],
                 p[front],
@@ -283,7 +307,12 @@ def write_figure(
                 markersize=3,
             )
         ax.axvline(floor["within_cell_tv"], color="gray", lw=0.8, ls=":")
-        ax.set_title(f"NFE {nfe}", fontsize=9)
+        if on_front:  # zoom on the frontiers; settings far below them fall outside the panel
+            tv_max = max(t for t, _ in on_front)
+            p_min = min(p for _, p in on_front)
+            ax.set_xlim(0.9 * floor["within_cell_tv"], tv_max + 0.15 * (tv_max - 0.0) + 0.02)
+            ax.set_ylim(max(0.0, p_min - 0.5 * (1.0 - p_min) - 0.01), 1.002)
+        ax.set_title(f"NFE {nfe} (dotted: exact-sample TV)", fontsize=8)
         ax.set_xlabel("within-cell TV (lower is better)", fontsize=7)
         if c == 0:
             ax.set_ylabel("precision", fontsize=7)
@@ -311,8 +340,9 @@ def write_figure(
     fig.suptitle(
         "class-conditional checkerboard: precision vs within-cell TV; samples at best precision",
         fontsize=9,
+        y=0.998,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), ".png")
 
 
@@ -428,7 +458,8 @@ def main(argv: list[str]) -> None:
     for line in verdict_lines(results):
         print(line)
     print(
-        f"\nwall time {payload['wall_time_s']:.0f} s (this invocation {time.perf_counter() - t_start:.0f} s)"
+        f"\nwall time {payload['wall_time_s']:.0f} s "
+        f"(this invocation {time.perf_counter() - t_start:.0f} s)"
     )
 
 

@@ -166,8 +166,9 @@ def _class_conditional(config: ml_collections.ConfigDict, size: str) -> None:
     config.sample.gm_cfg_rows = ()  # GMFlow rows also run with classic CFG (e.g. ("gm_sde_2",))
     config.sample.baseline_solvers = ("euler", "ddpm_small", "dpmpp_2m")  # baseline rows, CFG
     config.sample.guidance_nfes = (4, 8, 32)  # network evaluations of the sweep
-    config.sample.guidance_scales = (0.0, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)  # probabilistic w
-    config.sample.cfg_scales = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)  # CFG w (1 = unguided)
+    # Denser where precision peaks (PG w <= 0.45, CFG w <= 2 in a first sweep), up to the ends.
+    config.sample.guidance_scales = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.45, 0.6, 0.9)  # PG w
+    config.sample.cfg_scales = (1.0, 1.1, 1.25, 1.5, 1.75, 2.0, 3.0, 4.5, 8.0)  # CFG w
     # Why 0: the orthogonal projection removes the bias along m_c, i.e. along the ray from the
     # board's centre to the predicted point, which in 2-D is the outward direction of the corner
     # cells: it would hide exactly the over-shoot this sweep measures.

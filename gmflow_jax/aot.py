@@ -20,7 +20,13 @@ For each it prints, per chip: arguments, outputs, aliased (donated) bytes, tempo
 against the chip's HBM (`HBM_GIB`), FLOPs (XLA's cost analysis of the partitioned program), and the
 collectives by kind with their count and bytes (result sizes per chip, parsed from the compiled HLO),
 in the whole program and inside loop bodies (the layer scan, the sampler's scan). It exits with
-status 1, naming the program and figures, when a peak exceeds the chip's HBM.
+status 1, naming the program and figures, when a peak exceeds the chip's HBM. With
+`--list_loop_collectives` it also lists every in-loop collective (kind, per-chip result shape, count,
+JAX op name), which tells parameter gathers and gradient reductions from activation collectives
+(`models.logical_axes.constrain` puts the logical names into the op names).
+
+Per-chip batch searches override the config, e.g. `--config.train.batch_size=3072` (192 per chip
+on 16 chips) and `--config.model.remat=False` or `--config.model.remat_policy=save_linear_inputs`.
 """
 
 from __future__ import annotations
@@ -403,7 +409,8 @@ def run(
     out: Any = sys.stdout,
 ) -> tuple[list[ProgramReport], list[str]]:
     """Compile `programs` of `config` for `topology`; print their reports; return (reports,
-    over-budget messages)."""
+    over-budget messages: a peak over the chip's HBM, or the TPU compiler's own out-of-memory
+    refusal, which leaves that program without a report)."""
     unknown = [p for p in programs if p not in ("train_step", "sampler")]
     if unknown:
         raise ValueError(f"programs must be train_step and/or sampler, got {unknown}")
@@ -416,16 +423,28 @@ def run(
         f"{topology} x{num_slices}: {len(devices)} chips, {hosts} hosts, mesh {dict(mesh_shape(mesh))}",
         file=out,
     )
-    reports = []
+    compiles = []
     if "train_step" in programs:
-        reports.append(compile_train_step(config, mesh))
+        compiles.append(("train_step", lambda: compile_train_step(config, mesh)))
     if "sampler" in programs:
         per_chip = sampler_batch_per_chip or -(-int(config.sample.batch_size) // batch_split(mesh))
-        reports.append(compile_sampler(config, mesh, per_chip))
-    for report in reports:
+        compiles.append(("sampler", lambda: compile_sampler(config, mesh, per_chip)))
+    reports, refused = [], []
+    for name, compile_program in compiles:
+        try:
+            report = compile_program()
+        except jax.errors.JaxRuntimeError as e:
+            # Why caught: the TPU compiler itself refuses a program whose buffers cannot fit in HBM
+            # (RESOURCE_EXHAUSTED, naming the bytes); that is this command's answer, not a crash.
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            message = str(e).strip().splitlines()[0]
+            refused.append(f"{name}: the TPU compiler refused it on a {chip} chip: {message}")
+            print(f"== {name}: does not fit: {message}", file=out)
+            continue
+        reports.append(report)
         print(format_report(report, hbm, list_loop_collectives), file=out)
-    over = over_budget(reports, chip)
-    return reports, over
+    return reports, refused + over_budget(reports, chip)
 
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -81,6 +81,7 @@ from absl import logging
 from etils import epath
 
 from gmflow_jax.atomic_file import write_json_atomic
+from gmflow_jax.paths import is_local
 
 PyTree = Any
 
@@ -446,7 +447,10 @@ class Checkpointer:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         if save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {save_every}")
-        self.directory = epath.Path(directory).absolute()
+        # Why only local paths: `epath`'s `absolute()` of a `gs://` path prepends the working
+        # directory (`<cwd>/gs:/bucket/...`, a local folder named `gs:`); bucket paths are absolute.
+        directory = epath.Path(directory)
+        self.directory = directory.absolute() if is_local(directory) else directory
         self.save_every = save_every
         self._manager = ocp.CheckpointManager(
             self.directory,

@@ -40,6 +40,7 @@ from gmflow_jax.gm import (
     check_gm,
     check_point,
     to_compute_dtype,
+    weighted_sum,
 )
 
 Array = jax.Array
@@ -237,4 +238,4 @@ def retarget_mean(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> Array:
     """E[x0 | x_tgt] under the x0-GM predicted at (x_src, t_src), shape `[..., C]` (§3.4)."""
     _, means, logits, _, _ = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
     w = jnp.exp(axis_log_softmax(logits, -2))
-    return axis_sum(w * means, -2)
+    return weighted_sum(w, means)

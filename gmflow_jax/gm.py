@@ -40,8 +40,15 @@ LOG_2PI = math.log(2.0 * math.pi)
 UNROLL_MAX = 64
 """Reductions over static axes up to this size are unrolled into element-wise ops (see `axis_sum`)."""
 
-DOT_SUM_MIN = 5
-"""On XLA:CPU, sums over axes of at least this size are a dot with a ones vector (see `axis_sum`)."""
+
+def cpu_reformulations() -> bool:
+    """The one switch for the XLA:CPU-specific forms of the K- and C-axis math in this package.
+
+    True on the CPU backend: short-axis sums, weighted sums and log-sum-exps are unrolled into
+    element-wise ops or written as dots (`axis_sum`, `weighted_sum`, `axis_logsumexp`).
+    Other backends (GPU, TPU) reduce natively and keep the straightforward lowering.
+    """
+    return jax.default_backend() == "cpu"
 
 
 def _slices(x: Array, axis: int) -> list[Array]:
@@ -54,22 +61,27 @@ def _unrolled_sum(x: Array, axis: int) -> Array:
     return functools.reduce(operator.add, _slices(x, axis))
 
 
+DOT_SUM_MIN = 5
+"""Under `cpu_reformulations()`, sums over axes of at least this size are dots (see `axis_sum`)."""
+
+
 def axis_sum(x: Array, axis: int, keepdims: bool = False) -> Array:
     """Sum over one short static axis (K components or C channels).
 
     XLA:CPU runs reductions over short minor axes 4-5x slower than element-wise work, and these sums
-    dominate the GM ops (see `benchmarks/gm_ops.py`), so on the CPU backend:
+    dominate the GM ops (see `benchmarks/gm_ops.py`), so under `cpu_reformulations()`:
 
     * axes of 2-4 entries (channels) are unrolled into element-wise adds;
     * longer axes (K components) are a dot with a ones vector at full fp32 precision. An unrolled
       K-term sum is cheap on its own, but XLA fuses it into every consumer that broadcasts it back
       over K (e.g. a GM mean feeding a GM product) and recomputes it per element, a K-fold blowup
-      (it made the GM-SDE 2 correction 15x slower); a dot is never duplicated.
+      (it made the GM-SDE 2 correction 15x slower); a dot is never duplicated. (An optimization
+      barrier does not help: XLA:CPU removes barriers before fusion.)
 
     Other backends reduce natively (`jnp.sum`).
     """
     size = x.shape[axis]
-    if size > UNROLL_MAX or jax.default_backend() != "cpu":
+    if size > UNROLL_MAX or not cpu_reformulations():
         return jnp.sum(x, axis=axis, keepdims=keepdims)
     if size >= DOT_SUM_MIN:
         axis %= x.ndim
@@ -82,17 +94,67 @@ def axis_sum(x: Array, axis: int, keepdims: bool = False) -> Array:
     return out if keepdims else jnp.squeeze(out, axis)
 
 
+WEIGHTED_SUM_UNROLL_MAX = 8
+"""Under `cpu_reformulations()`, `weighted_sum` unrolls K-term sums up to this K (see there)."""
+
+
+def weighted_sum(w: Array, x: Array) -> Array:
+    """sum_k w_k x_k over the K axis: `w [..., K, 1]`, `x [..., K, C]` -> `[..., C]`.
+
+    Equal to `axis_sum(w * x, -2)`. Under `cpu_reformulations()` and for K <= 8 the products are
+    formed per component slice and added element-wise (gm_mean at the latent shape: 2.9 ms against
+    6.2 ms for the dot of `axis_sum`, and 13.6 ms for `jnp.sum`). XLA fuses this sum into consumers
+    that broadcast it back over K and recomputes it there; up to K = 8 that costs less than the dot
+    (a GM mean feeding a GM product: 6.9 ms of CPU against 8.9 ms), beyond it the K-fold recompute
+    dominates, so larger K keep the dot of `axis_sum`.
+    """
+    k = x.shape[-2]
+    if k > WEIGHTED_SUM_UNROLL_MAX or not cpu_reformulations():
+        return axis_sum(w * x, -2)
+    terms = [a * b for a, b in zip(_slices(w, -2), _slices(x, -2), strict=True)]
+    return jnp.squeeze(functools.reduce(operator.add, terms), -2)
+
+
+def _shifted_exp_sum(x: Array, axis: int) -> tuple[Array, Array, Array]:
+    """(m, e, S): the finite max m over `axis` (kept), e = exp(x - m) and S = sum e (unrolled)."""
+    m = functools.reduce(jnp.maximum, _slices(x, axis))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(x - m)
+    return m, e, _unrolled_sum(e, axis)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _unrolled_logsumexp(x: Array, axis: int) -> Array:
+    """Max-shifted log-sum-exp over `axis` (kept), the sum of exponentials unrolled."""
+    m, _, total = _shifted_exp_sum(x, axis)
+    return m + jnp.log(total)
+
+
+@_unrolled_logsumexp.defjvp
+def _unrolled_logsumexp_jvp(axis, primals, tangents):
+    """d LSE = sum_k softmax_k dx_k, written as a native reduction.
+
+    Why: differentiating the unrolled sum makes its transpose scatter the cotangent into K padded
+    full-size arrays (K = 64: 64 x [B, K] buffers, 90% of the transition loss's backward on the
+    checkerboard); the transpose of `jnp.sum` is one broadcast, fused into its consumer. The softmax
+    is e / S with the forward's shifted exponentials (as accurate as the derivative of the
+    unrolled sum, unlike exp(x - LSE), which loses the bits of the rounded LSE).
+    """
+    (x,), (dx,) = primals, tangents
+    m, e, total = _shifted_exp_sum(x, axis)
+    return m + jnp.log(total), jnp.sum(e / total * dx, axis=axis, keepdims=True)
+
+
 def axis_logsumexp(x: Array, axis: int, keepdims: bool = False) -> Array:
-    """Log-sum-exp over one short static axis, max-shifted (stop-gradient max), unrolled.
+    """Log-sum-exp over one short static axis, max-shifted, unrolled under `cpu_reformulations()`.
 
     The sum of exponentials stays unrolled at every size: XLA does not duplicate a fusion that
-    computes `exp` into its consumers, so the blowup described in `axis_sum` cannot happen here.
+    computes `exp` into its consumers, so the blowup described in `axis_sum` cannot happen here. The
+    derivative is the softmax (a custom JVP, see `_unrolled_logsumexp_jvp`).
     """
-    if x.shape[axis] > UNROLL_MAX or jax.default_backend() != "cpu":
+    if x.shape[axis] > UNROLL_MAX or not cpu_reformulations():
         return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
-    m = functools.reduce(jnp.maximum, _slices(x, axis))
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-    out = m + jnp.log(_unrolled_sum(jnp.exp(x - m), axis))
+    out = _unrolled_logsumexp(x, axis % x.ndim)
     return out if keepdims else jnp.squeeze(out, axis)
 
 
@@ -199,7 +261,7 @@ def gm_mean(gm: GM, power: float = 1.0) -> Array:
         w = jnp.exp(gm.logweights)
     else:
         w = jnp.exp(axis_log_softmax(power * gm.logweights, -2))
-    return axis_sum(w * gm.means, -2)
+    return weighted_sum(w, gm.means)
 
 
 def gm_to_iso_gaussian(gm: GM) -> tuple[Array, Array]:
@@ -207,7 +269,7 @@ def gm_to_iso_gaussian(gm: GM) -> tuple[Array, Array]:
     check_gm(gm)
     gm = gm.astype_compute()
     w = jnp.exp(gm.logweights)
-    m = axis_sum(w * gm.means, -2)
+    m = weighted_sum(w, gm.means)  # bit for bit gm_mean (the 2nd-order correction compares them)
     centered = gm.means - m[..., None, :]
     spread = axis_sum(w * axis_sum(centered**2, -1, keepdims=True), -2) / gm.num_channels
     var = spread + jnp.exp(2.0 * gm.logstds[..., 0, :])

@@ -14,6 +14,7 @@ name            what it is
 `is_local`      whether a path is on the local filesystem (no `scheme://`)
 `join`          `base / parts` as a string, with `gs://` kept intact
 `make_dirs`     create a directory and its parents (a no-op on object stores' prefixes)
+`copy_tree`     copy a directory's files to another directory, local or not
 ==============  =========================================================================
 
 Atomic writes: `gmflow_jax.atomic_file` (temp file + rename locally; one object upload, atomic by
@@ -55,3 +56,26 @@ def make_dirs(path: PathLike) -> epath.Path:
     p = as_path(path)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def copy_tree(source: PathLike, target: PathLike) -> list[str]:
+    """Copy every file under directory `source` to the same relative path under `target` (either
+    may be local or not); returns the target files written, sorted. Each file is one write
+    (`write_bytes`: one upload on an object store), so a reader never sees a partial file there.
+
+    Why: tools that write a directory through their own file API (the JAX profiler, converters
+    that stage a folder) write locally; this puts the result into a `gs://` workdir.
+    """
+    source, target = as_path(source), as_path(target)
+    if not source.is_dir():
+        raise NotADirectoryError(f"copy_tree source {os.fspath(source)} is not a directory")
+    written = []
+    # Why `iterdir` recursion: epath refuses recursive globs (`**`), one RPC per match on GCS.
+    for path in sorted(source.iterdir()):
+        if path.is_dir():
+            written += copy_tree(path, target / path.name)
+        else:
+            make_dirs(target)
+            (target / path.name).write_bytes(path.read_bytes())
+            written.append(os.fspath(target / path.name))
+    return sorted(written)

@@ -19,7 +19,6 @@ warning: there is nothing to compare with.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +27,7 @@ import ml_collections
 from absl import logging
 
 from gmflow_jax.atomic_file import write_json_atomic
+from gmflow_jax.paths import as_path, join, make_dirs
 
 RUN_CONFIG_FILE = "run_config.json"
 """The resolved config of the run, in the workdir."""
@@ -46,6 +46,7 @@ ALLOWED_CHANGES = (
     "mesh",  # restores reshard onto any mesh
     "distributed",
     "model.remat",  # memory only: the same function
+    "model.remat_policy",  # memory only: what the backward pass recomputes
     "data.path",  # the same prepared data may move; its index is checked when opened
     "data.include_ids",
 )
@@ -108,17 +109,17 @@ def restart_requested(config: ml_collections.ConfigDict) -> bool:
 
 def _read_record(path: str) -> dict[str, Any] | None:
     """The recorded config, or None (missing; a damaged file is set aside with a warning)."""
-    if not os.path.exists(path):
+    source = as_path(path)  # local or gs:// (the path layer)
+    if not source.exists():
         return None
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = json.loads(source.read_bytes().decode("utf-8"))
         if not isinstance(record, dict):
             raise ValueError("not a JSON object")
         return record
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
         aside = f"{path}.damaged-{int(time.time())}"
-        os.replace(path, aside)
+        source.rename(as_path(aside))
         logging.warning("Run config record %s is damaged (%s); moved to %s.", path, err, aside)
         return None
 
@@ -132,7 +133,7 @@ def check_run_config(
     field outside `ALLOWED_CHANGES` changed, checkpoints exist and no restart was requested.
     `write=False` on processes other than 0.
     """
-    path = os.path.join(workdir, RUN_CONFIG_FILE)
+    path = join(workdir, RUN_CONFIG_FILE)
     new = config_record(config)
     old = _read_record(path)
     changes = [] if old is None else config_differences(old, new)
@@ -153,6 +154,6 @@ def check_run_config(
             "--config.checkpoint.restart=True to move the checkpoints aside and train from step 0."
         )
     if write:
-        os.makedirs(workdir, exist_ok=True)
+        make_dirs(workdir)
         write_json_atomic(path, new)
     return changes

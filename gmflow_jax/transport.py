@@ -427,9 +427,6 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
             shift = functools.reduce(jnp.maximum, logits)
             shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
             total = functools.reduce(operator.add, [jnp.exp(lg - shift) for lg in logits])
-            # Why the barrier: XLA would fuse the K-term `total` into each of the K weights and
-            # compute K^2 exponentials (half the time of the whole map at K = 8).
-            shift, total = jax.lax.optimization_barrier((shift, total))
             weights = [jnp.exp(lg - shift) / total for lg in logits]
         y_a = _bracketed_halley(means_a, weights, std, z[..., a], u[..., a], KR_SOLVER_STEPS)
         y_rot.append(y_a)

@@ -52,9 +52,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
-import os
 import time
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -72,6 +72,7 @@ from gmflow_jax.atomic_file import write_atomic, write_npz_atomic
 from gmflow_jax.models.vae import pixels_to_uint8
 from gmflow_jax.parallel.mesh import batch_split
 from gmflow_jax.parallel.sharding import batch_sharding
+from gmflow_jax.paths import as_path, is_local, join, make_dirs
 from gmflow_jax.sampling.driver import SamplingDriver, local_rows, put_global, replicate_tree
 from gmflow_jax.sampling.streams import (
     LABEL_DTYPE,
@@ -203,11 +204,21 @@ def shard_plan(
 # --------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 def _draw(streams: IndexStreams, mesh: Mesh, indices: Array) -> tuple[Array, Array, Array]:
     """(noise, labels, solver keys [B, 2]) of the global `indices`, batch-sharded on `mesh`."""
     sharding = batch_sharding(mesh)
     return tuple(jax.lax.with_sharding_constraint(a, sharding) for a in streams.draw(indices))
+
+
+@functools.cache
+def _jitted_draw(compiler_options: tuple[tuple[str, Any], ...]) -> Callable[..., Any]:
+    """`_draw` jitted with these XLA compiler options.
+
+    Why the sampler's options here too: the backend optimization level changes LLVM's
+    floating-point code generation (FMA contraction) of the normal transform, so a sample's noise
+    is the same on every process only when every process compiles it with the same options.
+    """
+    return jax.jit(_draw, static_argnums=(0, 1), compiler_options=dict(compiler_options) or None)
 
 
 def _to_uint8(
@@ -233,7 +244,7 @@ class ShardedSampler:
     sampler's `SolverConfig` (the guidance scale is a traced argument of each call, so a sweep over
     scales compiles once per solver setting). `vae` is the `(graphdef, state)` of a latent model's
     VAE, or None for a pixel-space model (its samples are the images). `compiler_options` are XLA
-    options of the decode (the driver has its own).
+    options of the stream draw and the decode (the driver has its own; pass the same).
     """
 
     def __init__(
@@ -273,13 +284,14 @@ class ShardedSampler:
             )
             self.image_shape = tuple(int(s) for s in decoded.shape[1:])
         options = tuple(sorted((compiler_options or {}).items()))
+        self._draw = _jitted_draw(options)
         self._to_uint8 = _jitted_to_uint8(options)
 
     def __call__(self, seed: int, indices: np.ndarray, guidance_scale: float) -> dict[str, Array]:
         """Samples of the global `indices` [B] (identical on every process): sharded arrays."""
         idx = put_global(check_index_array(indices), batch_sharding(self.mesh))
         streams = IndexStreams(check_seed(seed), self.latent_shape, self.num_classes)
-        noise, labels, keys = _draw(streams, self.mesh, idx)
+        noise, labels, keys = self._draw(streams, self.mesh, idx)
         latents = self.driver.run_chunk(self.cfg, noise, labels, keys, guidance_scale)
         images = self._to_uint8(
             self._vae_graphdef, self.uint8_mode, self.mesh, self._vae_state, latents
@@ -310,7 +322,9 @@ def read_shard(
     """
     want = {"arr_0": ((size, *image_shape), np.uint8), "arr_1": ((size,), LABEL_DTYPE)}
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Local shards are read in place; others (gs://) through the path layer, whole.
+        source = path if is_local(path) else io.BytesIO(as_path(path).read_bytes())
+        with np.load(source, allow_pickle=False) as data:
             names = set(data.files)
             if not set(want) <= names or (with_latents and "arr_2" not in names):
                 return None
@@ -334,11 +348,10 @@ def _normalized(payload: Mapping[str, Any]) -> dict[str, Any]:
 
 def _check_or_write_manifest(out_dir: str, settings: Mapping[str, Any]) -> None:
     """Write `run.json`, or raise ValueError naming the keys where an existing one differs."""
-    path = os.path.join(out_dir, MANIFEST_NAME)
+    path = join(out_dir, MANIFEST_NAME)
     new = _normalized(settings)
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
+    if as_path(path).is_file():
+        old = json.loads(as_path(path).read_text())
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             details = "; ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} now" for k in diff)
@@ -381,7 +394,7 @@ def merge_shards(
 
     Memory holds one shard at a time. Raises ValueError naming a missing or damaged shard.
     """
-    path = os.path.join(out_dir, MERGED_NAME) if path is None else path
+    path = join(out_dir, MERGED_NAME) if path is None else path
     ordered = sorted(plan, key=lambda s: s.start)
     total = sum(s.size for s in ordered)
     if [s.start for s in ordered] != [0] + [s.stop for s in ordered[:-1]]:
@@ -390,7 +403,7 @@ def merge_shards(
 
     def load(shard: Shard) -> dict[str, np.ndarray]:
         arrays = read_shard(
-            os.path.join(out_dir, shard.name),
+            join(out_dir, shard.name),
             shard.size,
             image_shape,
             labels_all[shard.start : shard.stop],
@@ -448,7 +461,7 @@ def generate_samples(
     log = log if log is not None and jax.process_index() == 0 else (lambda _: None)
     rows = process_rows(sampler.mesh, batch_size)
     plan = shard_plan(num_samples, batch_size, rows)
-    os.makedirs(out_dir, exist_ok=True)
+    make_dirs(out_dir)
     manifest = {
         "num_samples": num_samples,
         "seed": seed,
@@ -470,7 +483,7 @@ def generate_samples(
     for b, shard in mine.items():
         labels = sample_labels(seed, np.arange(shard.start, shard.stop), sampler.num_classes)
         arrays = read_shard(
-            os.path.join(out_dir, shard.name),
+            join(out_dir, shard.name),
             shard.size,
             sampler.image_shape,
             labels,
@@ -497,7 +510,7 @@ def generate_samples(
             ]
             if "latents" in out:
                 arrays.append(local_rows(out["latents"], rows[me])[: shard.size])
-            _write_shard(os.path.join(out_dir, shard.name), arrays)
+            _write_shard(join(out_dir, shard.name), arrays)
             generated.append(shard.name)
         log_progress(log, "sampling", done, len(todo), t0)
     merged = None

@@ -19,7 +19,6 @@ results [{row, solver, order, nfe, num_substeps, metrics, sample_time_s}].
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +30,7 @@ from gmflow_jax import solvers
 from gmflow_jax.eval.checkerboard import checkerboard_metrics, exact_sample_floor
 from gmflow_jax.eval.figures import histogram_grid_png
 from gmflow_jax.eval.sweep import Setting, format_table, run_sweep, sweep_settings, write_metrics
+from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import per_chunk_streams
 
@@ -102,7 +102,7 @@ def evaluate_checkerboard(
     floor = exact_sample_floor(n, floor_key)
     kind = "flow_matching_baseline" if config.model.mean_only else "gmflow"
     histogram_grid_png(
-        os.path.join(workdir, config.eval.figure_file),
+        join(workdir, config.eval.figure_file),
         samples,
         rows,
         nfes,
@@ -116,7 +116,7 @@ def evaluate_checkerboard(
         "exact_sample_floor": floor,
         "results": results,
     }
-    write_metrics(os.path.join(workdir, config.eval.metrics_file), payload)
+    write_metrics(join(workdir, config.eval.metrics_file), payload)
     table = format_table(
         results, METRIC_COLUMNS, show_w=False, references=[("exact samples", floor)]
     )

@@ -46,8 +46,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
-import os
 import zipfile
 from typing import Any
 
@@ -68,6 +68,7 @@ from gmflow_jax.data.digits import (
 )
 from gmflow_jax.eval.frechet import feature_statistics, frechet_distance
 from gmflow_jax.eval.image_metrics import PR_NEIGHBOURHOOD, precision_recall
+from gmflow_jax.paths import as_path, join, make_dirs
 
 Array = jax.Array
 
@@ -213,13 +214,13 @@ def classifier_cache_path(workdir: str, image_size: int, seed: int = 0) -> str:
     """Path of the cache file of a configuration: <workdir>/digits_classifier_<S>px_<hash>.npz."""
     text = _config_json(classifier_config(image_size, seed))
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return os.path.join(os.fspath(workdir), f"digits_classifier_{int(image_size)}px_{digest}.npz")
+    return join(workdir, f"digits_classifier_{int(image_size)}px_{digest}.npz")
 
 
 def _load_cached(path: str, config: dict[str, Any]) -> tuple[DigitsClassifier, float] | None:
     """The classifier stored at path, or None when absent, stored for another configuration, or
     damaged (then the file is set aside with a warning, `atomic_file.set_aside`, and rebuilt)."""
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         return None
     try:
         return _read_cache(path, config)
@@ -232,7 +233,8 @@ def _load_cached(path: str, config: dict[str, Any]) -> tuple[DigitsClassifier, f
 
 def _read_cache(path: str, config: dict[str, Any]) -> tuple[DigitsClassifier, float] | None:
     """The classifier stored at path, or None when stored for another configuration."""
-    with np.load(path, allow_pickle=False) as stored:
+    # Read through the path layer (local or gs://); the file is small.
+    with np.load(io.BytesIO(as_path(path).read_bytes()), allow_pickle=False) as stored:
         if "config" not in stored.files or str(stored["config"]) != _config_json(config):
             return None
         graphdef, abstract = _abstract_classifier(config["image_size"])
@@ -268,7 +270,7 @@ def load_or_train_classifier(
     if cached is not None:
         return cached
     model, accuracy = train_classifier(load_digits(image_size), seed)
-    os.makedirs(os.fspath(workdir), exist_ok=True)
+    make_dirs(workdir)
     arrays = {"param:" + name: value for name, value in _flat_params(model).items()}
     arrays["config"] = np.array(_config_json(config))
     arrays["held_out_accuracy"] = np.array(accuracy, np.float64)

@@ -8,7 +8,8 @@ function                docs/math.md
 ======================  ======================================================================
 
 Drawing uses matplotlib's object API with the Agg canvas (no pyplot state, safe in any process), and
-PNGs are written atomically: to a temporary file in the target folder, then `os.replace`.
+PNGs are written atomically through the path layer (`atomic_file.write_atomic`: a temporary file and
+a rename locally, one upload on `gs://`).
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ metric (key)                    what it measures
 
 Within-cell TV, coverage and concentration are conditional on landing in the requested cell, so they
 measure the shape of the in-cell distribution separately from `precision` (the two axes of the
-precision / fidelity frontier). Non-finite samples are outside every cell and beyond the box, and left
-out of `overshoot_distance` (reported by `nonfinite_rate`). Every metric has a finite-sample floor:
-`exact_floor` scores an exact sample of the same labels (TV > 0 from binning noise alone).
+precision / fidelity frontier). Non-finite samples are outside every cell and beyond the box, and
+left out of `overshoot_distance` (reported by `nonfinite_rate`). Every metric has a finite-sample
+floor: `exact_floor` scores an exact sample of the same labels (TV > 0 from binning noise alone).
 
 ==============================  ==================================================================
 function                        what it is
@@ -65,7 +65,7 @@ from gmflow_jax.data.checkerboard import (
 )
 
 CELL_BINS = 8
-"""Histogram bins per axis inside a cell for the within-cell TV (bin side 0.25; 64 bins per cell)."""
+"""Histogram bins per axis inside a cell for the within-cell TV (side 0.25; 64 bins per cell)."""
 
 SUBCELLS = 4
 """Coverage sub-cells per axis inside a cell (16 sub-cells of side 0.5, as the unconditional
@@ -98,7 +98,7 @@ METRIC_NAMES = (
 
 
 def _prepare(samples, labels) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(float64 samples [N, 2], int labels [N], finite mask [N]); ValueError on bad shapes/labels."""
+    """(float64 samples [N, 2], int labels [N], finite mask [N]); ValueError on bad input."""
     x = np.asarray(samples)
     if x.ndim != 2 or x.shape[1] != 2 or x.shape[0] < 1:
         raise ValueError(f"samples must have shape [N, 2] with N >= 1, got {x.shape}")

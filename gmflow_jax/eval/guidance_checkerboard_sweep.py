@@ -15,9 +15,9 @@ baseline (`mean_only`)          `sample.baseline_solvers` with classic CFG over 
 ==============================  ==================================================================
 
 `eval.per_class` samples of each class (class-major labels) per setting, the same noise for every
-setting and both models. Written to the workdir: `metrics.json` (atomic, with the exact-sample floor), a
-PNG of sample histograms of all 8 classes (rows = methods, columns = guidance scales, at NFE
-`eval.grid_nfe`) and a printed table.
+setting and both models. Written to the workdir: `metrics.json` (atomic, with the exact-sample
+floor), a PNG of sample histograms of all 8 classes (rows = methods, columns = guidance scales, at
+NFE `eval.grid_nfe`) and a printed table.
 
 Random streams: `sweep_key, floor_key = split(eval key)`; the noise is
 `sampling.streams.batch_streams(sweep_key, 8 per_class, sample.batch_size, (1, 1, 2))`.
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -52,6 +51,7 @@ from gmflow_jax.data.checkerboard import NUM_WHITE_CELLS
 from gmflow_jax.eval.figures import histogram_grid_png
 from gmflow_jax.eval.guidance_checkerboard import METRIC_NAMES, exact_floor, guidance_metrics
 from gmflow_jax.eval.sweep import Setting, format_table, run_sweep, sweep_settings, write_metrics
+from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import ChunkStreams, batch_streams
 from gmflow_jax.solvers.config import GUIDED_CFG_PLACEHOLDER
@@ -138,7 +138,7 @@ def _make_config(
 
 
 def guidance_settings(config: ml_collections.ConfigDict, mean_only: bool) -> list[Setting]:
-    """The settings of `config.sample` for a mean-only (baseline) or a GM model (module docstring)."""
+    """The settings of `config.sample` for a mean-only (baseline) or a GM model (see above)."""
     s = config.sample
     nfes = [int(n) for n in s.guidance_nfes]
     if mean_only:
@@ -235,7 +235,7 @@ def evaluate_guidance_checkerboard(
         methods = list(dict.fromkeys(m for m, _ in panels))
         scales = sorted({w for _, w in panels})
         histogram_grid_png(
-            os.path.join(workdir, config.eval.figure_file),
+            join(workdir, config.eval.figure_file),
             panels,
             methods,
             scales,
@@ -257,7 +257,7 @@ def evaluate_guidance_checkerboard(
         "exact_sample_floor": floor,
         "results": results,
     }
-    write_metrics(os.path.join(workdir, config.eval.metrics_file), payload)
+    write_metrics(join(workdir, config.eval.metrics_file), payload)
     shown = [{**r, "row": r["method"]} for r in results]
     table = format_table(
         shown, TABLE_COLUMNS, references=[("exact samples", floor)], width=TABLE_WIDTH

@@ -27,6 +27,7 @@ resumes), `sweep_table.md` and `sweep_table.json`.
 from __future__ import annotations
 
 import functools
+import io
 import itertools
 import json
 import math
@@ -55,6 +56,7 @@ from gmflow_jax.eval.inception import FIDInceptionV3, extract_features
 from gmflow_jax.eval.reference_batches import iter_reference_images, read_reference_batch
 from gmflow_jax.eval.sweep import Setting, sweep_settings
 from gmflow_jax.parallel.sharding import batch_sharding
+from gmflow_jax.paths import as_path, join, make_dirs
 from gmflow_jax.sampling.driver import local_rows, replicate_tree
 from gmflow_jax.sampling.streams import check_seed
 
@@ -118,11 +120,12 @@ def reference_features(
 
     The cache records the reference path; another reference recomputes it.
     """
-    cache = os.path.join(cache_dir, REFERENCE_CACHE_NAME)
+    cache = join(cache_dir, REFERENCE_CACHE_NAME)
     key = os.path.abspath(reference_path)
-    if os.path.isfile(cache):
+    if as_path(cache).is_file():
         try:
-            with np.load(cache, allow_pickle=False) as data:
+            # Through the path layer (local or gs://); the cache is [M, 2048] float32.
+            with np.load(io.BytesIO(as_path(cache).read_bytes()), allow_pickle=False) as data:
                 if str(data["reference"]) == key:
                     return data["pool"]
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
@@ -151,18 +154,17 @@ def _result_key(row: Mapping[str, Any]) -> tuple:
 
 def read_results(path: str) -> list[dict[str, Any]]:
     """The rows of a `sweep_results.jsonl` (empty when absent; a torn last line is dropped)."""
-    if not os.path.isfile(path):
+    if not as_path(path).is_file():
         return []
     rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in as_path(path).read_text().splitlines():  # the path layer: local or gs://
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
     return rows
 
 
@@ -232,8 +234,8 @@ def write_sweep_tables(out_dir: str, results: Sequence[Mapping[str, Any]]) -> li
     table = best_settings(results)
     md = sweep_table_markdown(table).encode()
     js = json.dumps(table, indent=2, sort_keys=True).encode()
-    write_atomic(os.path.join(out_dir, TABLE_MD_NAME), lambda f: f.write(md))
-    write_atomic(os.path.join(out_dir, TABLE_JSON_NAME), lambda f: f.write(js))
+    write_atomic(join(out_dir, TABLE_MD_NAME), lambda f: f.write(md))
+    write_atomic(join(out_dir, TABLE_JSON_NAME), lambda f: f.write(js))
     return table
 
 
@@ -328,8 +330,8 @@ def run_sweep(
     settings = sweep_settings(solver_names, steps_list, guidance_grid, make_config)
     process_rows(mesh, batch_size)  # validates the batch size before any work
     log = log if log is not None and jax.process_index() == 0 else (lambda _: None)
-    os.makedirs(out_dir, exist_ok=True)
-    results_path = os.path.join(out_dir, RESULTS_NAME)
+    make_dirs(out_dir)
+    results_path = join(out_dir, RESULTS_NAME)
 
     reference = read_reference_batch(reference_path, load_images=False)
     if reference.num_images == 0:

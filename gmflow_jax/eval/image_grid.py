@@ -5,20 +5,20 @@ function                     what it does
 ===========================  ====================================================================
 `to_uint8`                   images in [low, high] -> uint8 (clipped; NaN -> mid-grey)
 `class_mosaic`               [N, H, W, C] images with labels -> one row per class, uint8 mosaic
-`write_png_atomic`           uint8 [H, W] or [H, W, 3] -> PNG via a temporary file + os.replace
+`write_png_atomic`           uint8 [H, W] or [H, W, 3] -> PNG, atomic (`atomic_file`), local or gs://
 `panel_grid_png`             mosaics keyed by (row, column) -> one labelled PNG
 ===========================  ====================================================================
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from gmflow_jax.atomic_file import write_atomic
+from gmflow_jax.paths import PathLike, as_path, make_dirs
 
 PAD_VALUE = 255
 """Grey level of the padding between images and panels."""
@@ -68,20 +68,20 @@ def class_mosaic(
     return out[..., 0] if c == 1 else out
 
 
-def write_png_atomic(path: str, pixels: np.ndarray) -> None:
-    """Write uint8 `pixels` [H, W] or [H, W, 3] to `path` as PNG (temporary file + os.replace)."""
+def write_png_atomic(path: PathLike, pixels: np.ndarray) -> None:
+    """Write uint8 `pixels` [H, W] or [H, W, 3] to `path` (local or `gs://`) as PNG, atomically
+    (`atomic_file.write_atomic`), creating its folder."""
     pixels = np.asarray(pixels)
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
         raise ValueError(
             f"pixels must be uint8 [H, W] or [H, W, 3], got {pixels.dtype}{pixels.shape}"
         )
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    make_dirs(as_path(path).parent)
     write_atomic(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"), ".png")
 
 
 def panel_grid_png(
-    path: str,
+    path: PathLike,
     panels: Mapping[tuple[Hashable, Hashable], np.ndarray],
     rows: Sequence[Hashable],
     columns: Sequence[Hashable],

@@ -13,6 +13,12 @@ folder (`gmflow_jax.interop.converted_folder`):
    `.old_<name>.<random>`, the stage renamed to `out_dir`, then the old folder deleted; if the
    second rename fails the old folder is renamed back before the error is re-raised.
 
+Local folders only: a non-local `out_dir` (`gs://...`) is refused before any work with a one-line
+error (`refuse_non_local`). Why not write-then-copy: the converted folder is read back with local
+file APIs (SHA-256 manifest, `np.load` of memory-sized files, `os.path.realpath` containment
+checks), an object store has no rename, and an uploaded copy could not replace an earlier folder
+atomically; convert to a local folder and copy it (`gcloud storage cp -r`) if a bucket must hold it.
+
 A reader therefore sees the old folder or the complete new one. The one gap is a kill between the
 two renames of step 3 (two system calls): `out_dir` is then absent and both folders sit beside it
 under their hidden names. A kill during step 2 leaves a `.tmp_*` folder behind; it is never read.
@@ -27,6 +33,8 @@ import shutil
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
+
+from gmflow_jax.paths import is_local
 
 T = TypeVar("T")
 
@@ -70,8 +78,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def refuse_non_local(out_dir: str) -> None:
+    """Raise ValueError (one line) when `out_dir` is not a local path (module docstring)."""
+    if not is_local(out_dir):
+        raise ValueError(
+            f"out_dir={out_dir!r} is not a local path: converted folders are written and read "
+            "locally (staged, then renamed); convert to a local folder, then copy it to the bucket"
+        )
+
+
 def check_replaceable(out_dir: str, replaceable: Callable[[str], bool], what: str) -> None:
-    """Raise unless `out_dir` is absent, an empty folder, or a folder `replaceable` accepts."""
+    """Raise unless `out_dir` is local and absent, an empty folder, or a folder `replaceable`
+    accepts."""
+    refuse_non_local(out_dir)
     if not os.path.lexists(out_dir):
         return
     if not os.path.isdir(out_dir) or os.path.islink(out_dir):
@@ -98,6 +117,7 @@ def replace_folder(
     output of the same writer); `what` names that kind of folder in the refusal. Returns what
     `write` returns.
     """
+    refuse_non_local(out_dir)  # before `abspath`, which makes `gs://b/x` a local `<cwd>/gs:/b/x`
     out_dir = os.path.abspath(out_dir)
     check_replaceable(out_dir, replaceable, what)
     parent, name = os.path.split(out_dir)

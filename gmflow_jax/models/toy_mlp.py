@@ -14,9 +14,10 @@ function / class                  docs/math.md
 ================================  ===========================================================
 
 Input `x_t` `[B, 1, 1, 2]` (a 2-D point as a 1x1 "image", §0.1) and raw times `t` `[B]` in [0, 1000];
-labels `[B]` in 0..C are required when `num_classes` C > 0 and ignored otherwise (C = 0, the default:
-the unconditional model, unchanged). Output: a `GM` over u with means `[B, 1, 1, K, 2]`, log-weights `[B, 1, 1, K, 1]`,
-log-std `[B, 1, 1, 1, 1]`, all float32 (or, for the baseline, the u mean `[B, 1, 1, 2]`).
+labels `[B]` in 0..C are required when `num_classes` C > 0 and ignored otherwise (C = 0, the
+default: the unconditional model, unchanged). Output: a `GM` over u with means `[B, 1, 1, K, 2]`,
+log-weights `[B, 1, 1, K, 1]`, log-std `[B, 1, 1, 1, 1]`, all float32 (or, for the baseline, the u
+mean `[B, 1, 1, 2]`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The class-conditional checkerboard task (`configs/checkerboard.py:classes`, issue 16).
 
 Data (`docs/math.md` §4.8): white cell c = 0..7 is class c, uniform on its cell; batch s is
-`labeled_checkerboard_batch(fold_in(data key, s))`, whose points are the unconditional batch's bit for
-bit and whose labels are their cells, made on the devices in the batch's sharding. The train step
-drops labels to the null label 8 with probability 1 - `config.train.prob_class` (§4.4). The network is
-the toy MLP of `config.model` with `num_classes` = 8 (a label table added to its time embedding, built
-by the loop through `models.builder`): GMFlow (K = 64) or, with `baseline`, the mean-only
-flow-matching model with the same trunk.
+`labeled_checkerboard_batch(fold_in(data key, s))`, whose points are the unconditional batch's bit
+for bit and whose labels are their cells, made on the devices in the batch's sharding. The train
+step drops labels to the null label 8 with probability 1 - `config.train.prob_class` (§4.4). The
+network is the toy MLP of `config.model` with `num_classes` = 8 (a label table added to its time
+embedding, built by the loop through `models.builder`): GMFlow (K = 64) or, with `baseline`, the
+mean-only flow-matching model with the same trunk.
 
 Evaluation: `eval.guidance_checkerboard_sweep.evaluate_guidance_checkerboard` (rows x NFE x guidance
 scale, exact precision / within-cell fidelity / over-shoot metrics, metrics.json, PNG, table).

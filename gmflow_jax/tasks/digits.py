@@ -26,7 +26,6 @@ name                            what it is
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +45,7 @@ from gmflow_jax.eval.sweep import (
     sweep_settings,
     write_metrics,
 )
+from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import batch_streams
 from gmflow_jax.solvers.config import canonical_sampler
@@ -159,7 +159,7 @@ class DigitsTask(ImageTask):
         kind = "flow_matching_baseline" if self.model_config.mean_only else "gmflow"
         size = self.data.image_size
         panel_grid_png(
-            os.path.join(workdir, e.figure_file),
+            join(workdir, e.figure_file),
             panels,
             [f"{r} w={w:g}" for r in rows for w in scales],
             [f"NFE {n}" for n in nfes],
@@ -180,7 +180,7 @@ class DigitsTask(ImageTask):
             "real": real,
             "results": results,
         }
-        write_metrics(os.path.join(workdir, e.metrics_file), payload)
+        write_metrics(join(workdir, e.metrics_file), payload)
         reference = {**real, "fd": real["fd_train"], "nonfinite_rate": 0.0}
         table = format_table(results, TABLE_COLUMNS, references=[("real digits", reference)])
         print(table, flush=True)

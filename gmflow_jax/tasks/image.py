@@ -23,7 +23,6 @@ chunk j of `sample.batch_size` samples solves with `fold_in(solver_key, j)`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -44,6 +43,7 @@ from gmflow_jax.models.builder import (
 )
 from gmflow_jax.models.denoiser import DenoiserFn, SpectrumFn, network_functions
 from gmflow_jax.models.image_denoiser import ImageDenoiser
+from gmflow_jax.paths import join, make_dirs
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import batch_streams
 from gmflow_jax.solvers.config import guidance_kind, row_solver_config
@@ -93,10 +93,8 @@ class ImageTask:
         """Write `config.json` for `GMFlowPipeline.from_checkpoint` (GM models only)."""
         if self.model_config.mean_only:
             return
-        os.makedirs(workdir, exist_ok=True)
-        write_json_atomic(
-            os.path.join(workdir, PIPELINE_CONFIG_FILE), pipeline_config(self.config.model)
-        )
+        make_dirs(workdir)
+        write_json_atomic(join(workdir, PIPELINE_CONFIG_FILE), pipeline_config(self.config.model))
 
     def row_names(self) -> tuple[list[str], list[int], list[float]]:
         """(rows, NFEs, guidance scales) evaluated for this model kind (`config.sample`)."""

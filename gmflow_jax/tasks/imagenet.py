@@ -45,6 +45,7 @@ from gmflow_jax.data.imagenet_latents import (
     synthetic_latents,
 )
 from gmflow_jax.eval.sweep import Setting, format_table, sweep_settings, write_metrics
+from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver, local_mesh
 from gmflow_jax.sampling.streams import batch_streams
 from gmflow_jax.tasks.image import ImageTask
@@ -196,7 +197,7 @@ class ImageNetLatentsTask(ImageTask):
         results = self.sweep(
             graphdef, ema_params, labels, lambda x, _: latent_statistics(x), on_samples=save
         )
-        write_npz_atomic(os.path.join(workdir, e.samples_file), **saved)
+        write_npz_atomic(join(workdir, e.samples_file), **saved)
         payload = {
             "model": "flow_matching_baseline" if self.model_config.mean_only else "gmflow",
             "config": json.loads(self.config.to_json_best_effort()),
@@ -209,7 +210,7 @@ class ImageNetLatentsTask(ImageTask):
             },
             "results": results,
         }
-        write_metrics(os.path.join(workdir, e.metrics_file), payload)
+        write_metrics(join(workdir, e.metrics_file), payload)
         table = format_table(results, TABLE_COLUMNS, references=[("data", reference)], width=11)
         print(table, flush=True)
         payload["table"] = table

@@ -11,6 +11,11 @@ Steps are counted from the first step of this invocation, so a resumed run is pr
 compilation too. The trace is TensorBoard's profile plugin layout
 (`workdir/profile/plugins/profile/<run>/<host>.xplane.pb`): open it with
 `tensorboard --logdir workdir/profile` (and `pip install tensorboard-plugin-profile`) or Perfetto.
+A workdir that is not local (`gs://`): the profiler writes through its own C++ file API (TSL's, with
+a GCS client of its own, not the path layer's backends), so the trace is written to a local
+temporary folder and copied into `workdir/profile` with `paths.copy_tree` when it stops (then the
+temporary folder is removed): one route to the bucket for every workdir file, with one set of
+credentials, and testable on the path layer's in-memory bucket.
 Each traced step is annotated with its global step number (`StepTraceAnnotation`), which the trace
 viewer's step view reads.
 """
@@ -19,11 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
+
+from gmflow_jax.paths import copy_tree, is_local, join
 
 PROFILE_DIR = "profile"
 """Subfolder of the workdir that receives the traces."""
@@ -89,7 +97,8 @@ class StepProfiler:
         """Trace `settings.num_steps` steps from global step `first_step + settings.skip_steps`."""
         self.settings = settings
         self.pause = pause
-        self.log_dir = os.path.join(workdir, PROFILE_DIR)
+        self.log_dir = join(workdir, PROFILE_DIR)
+        self._staging: str | None = None  # local folder of a trace bound for a non-local workdir
         self.begin = first_step + settings.skip_steps
         self.end = self.begin + settings.num_steps  # exclusive
         self.active = False
@@ -101,7 +110,9 @@ class StepProfiler:
         """Run one step, starting the trace first when `step` is the first traced one."""
         if self.traced_here and not self.active and not self.done and step == self.begin:
             with self.pause():
-                jax.profiler.start_trace(self.log_dir)
+                if not is_local(self.log_dir):
+                    self._staging = tempfile.mkdtemp(prefix="gmflow_profile_")
+                jax.profiler.start_trace(self._staging or self.log_dir)
             self.active = True
         if self.active:
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -122,5 +133,12 @@ class StepProfiler:
 
     def _stop(self) -> None:
         with self.pause():
-            jax.profiler.stop_trace()
-        self.active, self.done = False, True
+            try:
+                jax.profiler.stop_trace()
+                if self._staging is not None:
+                    copy_tree(self._staging, self.log_dir)
+            finally:
+                if self._staging is not None:
+                    shutil.rmtree(self._staging, ignore_errors=True)
+                    self._staging = None
+                self.active, self.done = False, True

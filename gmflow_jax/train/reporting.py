@@ -10,7 +10,7 @@ of an invocation is synced once more: the time up to its end is the compile time
 ("compiled in ...", `train/compile_s`) and kept out of every rate, as is time spent inside
 `reporter.paused()` (periodic evaluation, tracing, forced checkpoints).
 
-TensorBoard (`workdir/tensorboard`): the resolved config as text and hyper-parameters
+TensorBoard (`workdir/tensorboard`, local or `gs://`: `event_files.summary_writer`): the resolved config as text and hyper-parameters
 (`summaries.write_config`), `train/<metric>` per step, `train/steps_per_s`, `train/images_per_s`,
 `train/mfu` (when the FLOPs and the peak are known), `train/compile_s`, and `eval/<metric>` scalars
 plus the `eval/samples` image of the periodic evaluation. Only process 0 writes files and prints.
@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from gmflow_jax.atomic_file import read_json_or_set_aside, set_aside, write_json_atomic
 from gmflow_jax.paths import join
+from gmflow_jax.train.event_files import summary_writer
 from gmflow_jax.train.health import DEFAULT_MAX_CONSECUTIVE_SKIPS, SkipCounter
 from gmflow_jax.train.progress import Progress, ProgressReport
 from gmflow_jax.train.summaries import write_config, write_scalars
@@ -109,7 +108,7 @@ class TrainReporter:
         self.log_every = max(1, log_every)
         self.start = start
         self.lead = lead
-        self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if lead else None
+        self.writer = summary_writer(join(workdir, "tensorboard")) if lead else None
         if self.writer is not None:
             write_config(self.writer, config, metric_tags=("train/loss",), step=start)
         self.pending: list[tuple[int, dict[str, jax.Array]]] = []

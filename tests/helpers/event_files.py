@@ -15,12 +15,20 @@ def read_events(logdir) -> list:
     events = []
     for path in sorted(glob.glob(os.path.join(str(logdir), "events.out.tfevents.*"))):
         with open(path, "rb") as f:
-            data = f.read()
-        pos = 0
-        while pos < len(data):
-            (n,) = struct.unpack("<Q", data[pos : pos + 8])
-            events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
-            pos += 12 + n + 4
+            events += parse_events(f.read())
+    return events
+
+
+def parse_events(data: bytes) -> list:
+    """Every `Event` of the bytes of one event file (TFRecord framing, as `read_events`); a
+    truncated record fails."""
+    events = []
+    pos = 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        assert pos + 12 + n + 4 <= len(data), f"truncated record at byte {pos}"
+        events.append(event_pb2.Event.FromString(data[pos + 12 : pos + 12 + n]))
+        pos += 12 + n + 4
     return events
 
 

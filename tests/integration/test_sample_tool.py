@@ -165,9 +165,7 @@ def test_run_writes_shards_merge_and_manifest(base_run):
             parts.append(data["arr_0"])
             assert set(data.files) == {"arr_0", "arr_1", "arr_2"}
     np.testing.assert_array_equal(np.concatenate(parts), got["images"])
-    np.testing.assert_array_equal(
-        got["labels"], sample_labels(SEED, np.arange(NUM_SAMPLES), 1000)
-    )
+    np.testing.assert_array_equal(got["labels"], sample_labels(SEED, np.arange(NUM_SAMPLES), 1000))
     # Distinct samples, and no two indices share noise.
     assert len({img.tobytes() for img in got["images"]}) == NUM_SAMPLES
     assert len(np.unique(got["images"])) > 50
@@ -236,7 +234,8 @@ def test_missing_or_mismatched_shards_count_as_not_done(base_run, tmp_path):
     assert adm_export.read_shard(str(tmp_path / "none.npz"), 4, (16, 16, 3), labels, True) is None
     np.savez(tmp_path / "no_latents.npz", arrays["arr_0"], arrays["arr_1"])
     assert (
-        adm_export.read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, True) is None
+        adm_export.read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, True)
+        is None
     )
     assert adm_export.read_shard(str(tmp_path / "no_latents.npz"), 4, (16, 16, 3), labels, False)
 

@@ -601,3 +601,27 @@ def test_shape_mistakes_raise_value_errors_naming_the_argument():
         jit(G.iso_gaussian_mul_iso_gaussian)(x, jnp.ones((3, 1, 1, 1)), x, jnp.ones((2, 1, 1, 1)))
     with pytest.raises(ValueError, match="gaussian variance must have shape"):
         jit(G.iso_gaussian_logprob)(x, jnp.ones((2, 3, 3)), x)
+
+
+@pytest.mark.parametrize("k", [8, 64])
+def test_axis_logsumexp_derivatives_are_the_float64_softmax(k):
+    """Reverse and forward mode of the short-axis log-sum-exp against a float64 softmax oracle.
+
+    Its derivative is a custom rule (the unrolled sum's own transpose is K padded buffers); with
+    absent components (-inf) the softmax puts zero weight on them.
+    """
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(5, 3, k)) * 4.0
+    x[0, 0, : k // 2] = -np.inf
+    softmax = np.exp(x - logsumexp(x, axis=-1, keepdims=True))
+    cot = rng.normal(size=(5, 3))
+    tangent = rng.normal(size=x.shape)
+    tangent[np.isinf(x)] = 0.0
+    x32 = jnp.asarray(x, jnp.float32)
+    value, vjp = jax.vjp(lambda a: G.axis_logsumexp(a, -1), x32)
+    np.testing.assert_allclose(np.asarray(value), logsumexp(x, axis=-1), rtol=1e-6)
+    (grad,) = vjp(jnp.asarray(cot, jnp.float32))
+    np.testing.assert_allclose(np.asarray(grad), cot[..., None] * softmax, atol=1e-6)
+    _, jvp_out = jax.jvp(lambda a: G.axis_logsumexp(a, -1), (x32,), (jnp.asarray(tangent),))
+    expected = np.sum(softmax * tangent, axis=-1)
+    np.testing.assert_allclose(np.asarray(jvp_out), expected, atol=1e-5)

@@ -1,11 +1,11 @@
 """The class-conditional checkerboard (issue 16): its data, the toy MLP's label table, and the exact
 guidance metrics against exact samples and known wrong distributions.
 
-Oracles are independent of the code under test: the cell of a point from floor((x + 4) / 2) in float64,
-the white-cell numbering re-enumerated here, scipy's KS and chi-square tests, closed-form bin masses,
-distances and moments of uniform squares, the exact mean absolute deviation of a binomial (scipy's
-pmf), and brute-force dominance. Tolerances come from the sample size: binomial standard deviations,
-Jensen's bound on the expected TV and McDiarmid's inequality for its deviation.
+Oracles are independent of the code under test: the cell of a point from floor((x + 4) / 2) in
+float64, the white-cell numbering re-enumerated here, scipy's KS and chi-square tests, closed-form
+bin masses, distances and moments of uniform squares, the exact mean absolute deviation of a
+binomial (scipy's pmf), and brute-force dominance. Tolerances come from the sample size: binomial
+standard deviations, Jensen's bound on the expected TV and McDiarmid's inequality for its deviation.
 """
 
 import math
