@@ -11,6 +11,11 @@ byte, donation is off, so XLA can neither elide nor alias it).
 Element-wise and reduction ops (mean, moment match, log-density, GM x Gaussian, reverse transition,
 re-targeted mean, u -> x0) are memory-bound in principle; the random (`gm_sample`), Newton
 (`gaussian_to_gm_samples`) and FFT (`hartley`) ops are compute-bound and are listed for reference.
+As issue 15 allows, `gm_sample` and `hartley` also get a row with their generator / FFT counted
+separately: the generator alone (`jax.random` draws of the same shapes and keys as `gm_sample`: the
+Gumbel argmax of `categorical` and the normal noise) and the FFT alone (`jnp.fft.fft2` of the same
+input) are timed as their own rows, and the `... excl. generator` / `... excl. FFT` rows report the
+difference of the medians, with the op's own bytes moved.
 
     python benchmarks/gm_ops.py            # full run (B=128, 3 rounds x 20 runs per op)
     python benchmarks/gm_ops.py --quick    # B=16, 1 round x 5 runs per op
@@ -63,6 +68,19 @@ def hlo_summary(fn: Callable, args: tuple) -> str:
     entry = text[text.index("ENTRY") :]
     n_entry = sum(1 for line in entry.splitlines() if " = " in line)
     return f"{text.count('fusion(')} fusions, {n_entry} entry instructions"
+
+
+def _sample_draws(key: jax.Array, gm: gmlib.GM) -> tuple[jax.Array, jax.Array]:
+    """The random draws of `gm.gm_sample` alone (component indices and normal noise)."""
+    key_k, key_n = jax.random.split(key)
+    gumbel = jax.random.gumbel(key_k, gm.logweights.shape[:-1], gm.logweights.dtype)
+    idx = jnp.argmax(gumbel, axis=-1)
+    noise = jax.random.normal(key_n, gm.means.shape[:-2] + gm.means.shape[-1:], gm.means.dtype)
+    return idx, noise
+
+
+NET_ROWS = (("gm_sample", "gm_sample generator"), ("hartley", "hartley FFT"))
+"""(op, its generator / FFT row): a `op excl. ...` row reports the difference of their times."""
 
 
 def build_ops(b: int, h: int, w: int, k: int, c: int, seed: int = 0):
@@ -121,6 +139,14 @@ def build_ops(b: int, h: int, w: int, k: int, c: int, seed: int = 0):
             nbytes(gm_shape, ls_shape, x_shape, (b,)) + nbytes(gm_shape, ls_shape),
         ),
         ("gm_sample", jax.jit(gmlib.gm_sample), (key, gm), gm_in + nbytes(x_shape)),
+        (
+            # the draws of gm_sample alone: same keys, shapes and generators (categorical is the
+            # argmax of Gumbel noise over K); the int32 indices and the noise are written
+            "gm_sample generator",
+            jax.jit(_sample_draws),
+            (key, gm),
+            nbytes(pix_shape, x_shape),
+        ),
     ]
     if transport is not None:
         ops.append(
@@ -132,6 +158,14 @@ def build_ops(b: int, h: int, w: int, k: int, c: int, seed: int = 0):
             )
         )
         ops.append(("hartley", jax.jit(transport.hartley), (x,), nbytes(x_shape, x_shape)))
+        ops.append(
+            (
+                "hartley FFT",
+                jax.jit(lambda a: jnp.fft.fft2(a, axes=(-3, -2), norm="ortho")),
+                (x,),
+                nbytes(x_shape) + 2 * nbytes(x_shape),  # complex64 output
+            )
+        )
     return ops, gm_in
 
 
@@ -169,6 +203,15 @@ def main() -> None:
             if r == 0 or best[name] < 0.5:  # ops slower than 0.5 s are timed in one round only
                 best[name] = min(best[name], time_fn(fn, fargs, runs))
     rows = [(name, best[name], moved) for name, _fn, _args, moved in ops]
+    moved_of = {name: moved for name, _fn, _args, moved in ops}
+    for op, part in NET_ROWS:
+        if op in best and part in best:
+            suffix = "generator" if "generator" in part else "FFT"
+            # a difference under 5% of the op is timing noise, not a rate: no GB/s for it
+            net = best[op] - best[part]
+            rows.append(
+                (f"{op} excl. {suffix}", net if net > 0.05 * best[op] else None, moved_of[op])
+            )
     print(
         f"jax {jax.__version__} on {jax.devices()[0].device_kind}; B={b}, H=W={h}, C={c}, K={k}; "
         f"best of {rounds} rounds of the median of {runs} runs; copy bandwidth (jitted x + 1 over "
@@ -177,6 +220,9 @@ def main() -> None:
     print("| op | median ms | MB moved | GB/s | % of copy BW |")
     print("|---|---:|---:|---:|---:|")
     for name, sec, moved in rows:
+        if sec is None:
+            print(f"| {name} | < 5% of the op (noise) | {moved / 1e6:.1f} | - | - |")
+            continue
         gbs = moved / sec / 1e9
         print(
             f"| {name} | {sec * 1e3:.2f} | {moved / 1e6:.1f} | {gbs:.2f} | {100 * gbs / copy_gbs:.0f}% |"

@@ -30,7 +30,12 @@ from gmflow_jax.solvers import BASELINE_SOLVERS, GM_SOLVERS
 from gmflow_jax.solvers.config import parse_sampler
 
 MODEL_NAMES = ("toy_mlp", "gm_dit")
-DATA_NAMES = {"checkerboard": "toy_mlp", "digits": "gm_dit", "imagenet_latents": "gm_dit"}
+DATA_NAMES = {
+    "checkerboard": "toy_mlp",
+    "checkerboard_classes": "toy_mlp",
+    "digits": "gm_dit",
+    "imagenet_latents": "gm_dit",
+}
 """`data.name` -> the `model.name` it trains."""
 DATA_SOURCES = ("files", "synthetic")
 DIGITS_SIZES = (8, 16)

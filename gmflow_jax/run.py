@@ -5,10 +5,10 @@
 1. check the whole config (`config_validation.validate_config`: every bad value refused with a
    one-line error naming the field, before any work), then join the `jax.distributed` job
    (`parallel.distributed.start_distributed`) before anything touches a device;
-2. take the workdir's lock (`workdir_lock.WorkdirLock`, process 0, local filesystems): a second run
-   on the same workdir is refused, naming the holder;
-3. make the task (`tasks.make_task`, which opens its data set, so missing data stop the run at once)
+2. make the task (`tasks.make_task`, which opens its data set, so missing data stop the run at once)
    with the run's keys (`train.task.run_keys`);
+3. take the workdir's lock (`workdir_lock.WorkdirLock`, process 0, local filesystems): a second run
+   on the same workdir is refused, naming the holder;
 4. train or resume (`train.loop.train`);
 5. evaluate the EMA parameters with the task's evaluation (`config.eval.enabled`), except after a
    preemption (the run exits 0 and resumes when rerun) and in a multi-process job (evaluate the
@@ -38,8 +38,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     when evaluation does not run)."""
     validate_config(config)
     start_distributed(config)
+    keys = run_keys(config.seed)
+    # The task opens its data set before the workdir is touched: missing data stop the run first.
+    task = tasks.make_task(config, keys)
     with _workdir_lock(workdir):
-        return _train_and_evaluate(config, workdir)
+        return _train_and_evaluate(config, workdir, task, keys)
 
 
 def _workdir_lock(workdir: str) -> contextlib.AbstractContextManager[Any]:
@@ -58,9 +61,9 @@ def _workdir_lock(workdir: str) -> contextlib.AbstractContextManager[Any]:
     return WorkdirLock(workdir)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    keys = run_keys(config.seed)
-    task = tasks.make_task(config, keys)
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, task: tasks.Task, keys: dict[str, jax.Array]
+) -> dict[str, Any]:
     graphdef, state, info = train(config, workdir, task, keys)
     print(
         f"training: steps {info['start_step']}->{info['steps']} in {info['wall_time_s']:.1f} s"

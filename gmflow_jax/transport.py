@@ -55,6 +55,14 @@ tests/unit/test_transport.py for the float64 brute-force check.
 """
 
 KR_UNROLL_MAX_CHANNELS = 8
+
+KR_UNROLL_MAX_COMPONENTS = 16
+"""Largest K for which `gaussian_to_gm_samples` runs the bracketed solver on K separate arrays.
+
+Why a limit: the unrolled program grows with K x C (every component of every axis is its own array),
+so its compile time grows with it (K = 64, C = 4 took ~50 s instead of ~1 s). Above the limit the map
+is the reference's vectorized 16-step clamped Newton iteration over a K axis (§2.9), one `lax.scan`
+over the axes, whose program size does not depend on K."""
 """Rotations by V are unrolled into element-wise products up to this many channels (see
 `_rotate_channels`); more channels use a batched matmul."""
 
@@ -382,6 +390,45 @@ def _rotate(vectors: list[Array], v: Array, transpose: bool) -> list[Array]:
     ]
 
 
+def _gaussian_to_gm_samples_newton(gm: GM, z: Array, rotation: Array | None) -> Array:
+    """The KR map of `gaussian_to_gm_samples` with the reference's clamped Newton solver (§2.9),
+    vectorized over the K axis: one compiled Newton loop for all C axes (`lax.scan`)."""
+    out_dtype = jnp.asarray(z).dtype
+    means_rot, logweights, logstds, z, v, has_sample_axis = _prepare_kr(gm, z, rotation, "z")
+    logweights = logweights[..., 0]  # [B, 1, *P, K]
+    logstd = logstds[..., 0, 0]  # [B, 1, 1.., 1] with the rank of z without C
+    std = jnp.exp(logstd)[..., None]
+    u = jax.lax.erf(z / _SQRT2)
+    num_channels = z.shape[-1]
+    # Carry: sum_{j<a} ((y_j - mu_kj) / s)^2, [B, n, *P, K].
+    sq_prev0 = jnp.zeros(z.shape[:-1] + logweights.shape[-1:], z.dtype)
+
+    def kr_axis(sq_prev, inputs):
+        a, means_a, u_a, z_a = inputs  # means_a [B, 1, *P, K]; u_a, z_a [B, n, *P]
+        # Slice log-weights; l^(0) = l exactly (the log-softmax is only needed for a > 0).
+        slice_logweights = jnp.where(
+            a == 0, logweights, jax.nn.log_softmax(logweights - 0.5 * sq_prev, axis=-1)
+        )
+        y_a = gm1d_inverse_cdf(
+            means_a, slice_logweights, logstd, u_a, z_init=z_a, n_steps=NEWTON_STEPS
+        )  # [B, n, *P]
+        d = (y_a[..., None] - means_a) / std
+        return sq_prev + d * d, y_a
+
+    axes_first = (
+        jnp.arange(num_channels),
+        jnp.moveaxis(means_rot, -1, 0),
+        jnp.moveaxis(u, -1, 0),
+        jnp.moveaxis(z, -1, 0),
+    )
+    _, y_rot = jax.lax.scan(kr_axis, sq_prev0, axes_first)
+    y_rot = jnp.moveaxis(y_rot, 0, -1)  # [B, n, *P, C]
+    x = jnp.einsum("...d,...cd->...c", y_rot, v, precision=_HIGHEST)  # x = V y
+    if not has_sample_axis:
+        x = x[:, 0]
+    return jax.lax.stop_gradient(x.astype(out_dtype))
+
+
 def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> Array:
     """Knothe-Rosenblatt transport of standard-normal `z` to GM samples (§2.10, axis-aligned).
 
@@ -389,7 +436,8 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     rotated coordinate solves scaled_cdf_a(y_a) = erf(z_a / sqrt 2) for the slice GM (rotated means
     of axis a, std s, slice log-weights conditioned on y_0..y_{a-1}); then x = V y. The 1-D solver is
     `gm1d_inverse_cdf_bracketed` with `KR_SOLVER_STEPS` iterations (the reference uses 16 clamped
-    Newton steps of §2.9; both reach the same root where those converge).
+    Newton steps of §2.9; both reach the same root where those converge); above
+    `KR_UNROLL_MAX_COMPONENTS` components it is the reference's Newton map (compile time).
 
     Args:
       gm: GM with means `[B, *P, K, C]` and per-sample logstds `[B, 1, ..., 1]`.
@@ -402,6 +450,8 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     out_dtype = jnp.asarray(z).dtype
     gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm)
     z = jax.lax.stop_gradient(z)
+    if gm.num_components > KR_UNROLL_MAX_COMPONENTS:  # see KR_UNROLL_MAX_COMPONENTS
+        return _gaussian_to_gm_samples_newton(gm, z, rotation)
     gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z")
     num_components, num_channels = gm.num_components, gm.num_channels
     # Why per-(k, a) arrays of shape [B, 1, *P]: see `_bracketed_halley` (no short minor axes).
