@@ -114,7 +114,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.train.ema.beta = 0.999  # fixed only (unused)
 
     config.sample = ml_collections.ConfigDict()
-    config.sample.gm_solvers = ("gm_sde_2", "gm_ode_2")  # GMFlow rows (sampler-row grammar, solvers.config)
+    config.sample.gm_solvers = (
+        "gm_sde_2",
+        "gm_ode_2",
+    )  # GMFlow rows (sampler-row grammar, solvers.config)
     config.sample.gm_nfes = (4, 8, 32)  # GMFlow network evaluations
     config.sample.guidance_scales = (0.0, 0.3)  # probabilistic guidance w in [0, 1)
     config.sample.baseline_solvers = ("euler", "ddpm_small", "dpmpp_2m")  # baseline rows

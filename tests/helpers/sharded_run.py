@@ -26,6 +26,7 @@ import sys
 import time
 
 import numpy as np
+
 from helpers.config_files import REPO, load_config
 
 LATENT_SHAPE = (8, 8, 4)

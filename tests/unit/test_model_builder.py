@@ -1,5 +1,5 @@
 """Tests of the one model builder (gmflow_jax.models.builder) and the one network wrapper
-(gmflow_jax.models.denoiser), spec §6.
+(gmflow_jax.models.denoiser), `docs/math.md` §6.
 
 Oracles: a float64 NumPy forward of the SpectrumMLP (§6.3) read from the module's parameters, the
 networks' own `__call__` (the wrapper must equal calling the module), and the config values themselves
