@@ -447,35 +447,52 @@ def run(
     return reports, refused + over_budget(reports, chip)
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally with ':variant'."
-)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, v6e:4x4.")
-_SLICES = flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice over DCN).")
-_SAMPLER_BATCH = flags.DEFINE_integer(
-    "sampler_batch_per_chip",
-    None,
-    "Images per chip of the sampler (default: config.sample.batch_size spread).",
-)
-_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "sampler"], "Programs to compile.")
-_LIST = flags.DEFINE_bool(
-    "list_loop_collectives", False, "Also print every collective inside a loop, with its shape."
-)
+_FLAGS: dict[str, Any] = {}
+"""The command's flag holders, defined by `define_flags` when the module runs as a program."""
+
+
+def define_flags() -> None:
+    """Define the command's flags on absl's global flag values.
+
+    Why not at import: `gmflow_jax.main` defines a `--config` flag too, and absl refuses a second
+    definition in one process, so importing this module (tests, notebooks) must define nothing.
+    """
+    _FLAGS["config"] = config_flags.DEFINE_config_file(
+        "config", None, "Config file, optionally with ':variant'."
+    )
+    _FLAGS["topology"] = flags.DEFINE_string(
+        "topology", None, "TPU topology, e.g. v5p:2x4x4, v5e:4x4, v6e:4x4."
+    )
+    _FLAGS["num_slices"] = flags.DEFINE_integer(
+        "num_slices", 1, "Number of slices (multi-slice over DCN)."
+    )
+    _FLAGS["sampler_batch_per_chip"] = flags.DEFINE_integer(
+        "sampler_batch_per_chip",
+        None,
+        "Images per chip of the sampler (default: config.sample.batch_size spread).",
+    )
+    _FLAGS["programs"] = flags.DEFINE_list(
+        "programs", ["train_step", "sampler"], "Programs to compile."
+    )
+    _FLAGS["list_loop_collectives"] = flags.DEFINE_bool(
+        "list_loop_collectives", False, "Also print every collective inside a loop, with its shape."
+    )
 
 
 def main(argv: Sequence[str]) -> None:
     """Compile for `--topology`; exit 1 naming the figure when a peak exceeds the chip's HBM."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None or not _TOPOLOGY.value:
+    value = {name: holder.value for name, holder in _FLAGS.items()}
+    if value["config"] is None or not value["topology"]:
         raise app.UsageError("--config and --topology are required")
     _, over = run(
-        _CONFIG.value,
-        _TOPOLOGY.value,
-        num_slices=_SLICES.value,
-        sampler_batch_per_chip=_SAMPLER_BATCH.value,
-        programs=_PROGRAMS.value,
-        list_loop_collectives=_LIST.value,
+        value["config"],
+        value["topology"],
+        num_slices=value["num_slices"],
+        sampler_batch_per_chip=value["sampler_batch_per_chip"],
+        programs=value["programs"],
+        list_loop_collectives=value["list_loop_collectives"],
     )
     if over:
         for line in over:
@@ -492,4 +509,5 @@ def _setup_cpu_host() -> None:
 
 if __name__ == "__main__":
     _setup_cpu_host()
+    define_flags()
     app.run(main)
