@@ -54,7 +54,7 @@ from gmflow_jax.eval.sweep import Setting, format_table, run_sweep, sweep_settin
 from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import ChunkStreams, batch_streams
-from gmflow_jax.solvers.config import GUIDED_CFG_PLACEHOLDER
+from gmflow_jax.solvers.config import GUIDED_CFG_STATIC_SCALE
 
 NUM_CLASSES = NUM_WHITE_CELLS
 """Classes 0..7: the white cells."""
@@ -110,7 +110,7 @@ def _make_config(
     unless `sample.orthogonal_guidance` says so, and the null label 8.
 
     A GM row with "cfg" is the GM sampler with classic CFG on every component mean (§5.9): the
-    row's unguided config with the guidance kind swapped and the CFG placeholder scale.
+    row's unguided config with the guidance kind swapped and the CFG static scale.
     """
     s = config.sample
     common = dict(
@@ -131,8 +131,8 @@ def _make_config(
             )
         guidance.check_guidance_scale(w, "cfg")
         base = solvers.row_solver_config(row, nfe, 0.0, **common)
-        placeholder = GUIDED_CFG_PLACEHOLDER if w > 1 else 0.0
-        return dataclasses.replace(base, guidance="cfg", guidance_scale=placeholder)
+        static_scale = GUIDED_CFG_STATIC_SCALE if w > 1 else 0.0
+        return dataclasses.replace(base, guidance="cfg", guidance_scale=static_scale)
 
     return make
 

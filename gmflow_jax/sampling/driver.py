@@ -5,7 +5,7 @@ Every sampling caller (the checkerboard and image-task evaluations through `eval
 runs its sampler here: one jitted program per chunk, `solvers.sample` (docs/math.md §5.2) on a
 chunk whose batch axis is split over the mesh's data axes ("data", "fsdp"), parameters replicated
 (sampling is data parallel). The guidance scale w is a traced argument, so a sweep over w compiles
-once per (SolverConfig, chunk shape): with the row grammar's placeholder scales that is once per
+once per (SolverConfig, chunk shape): with the row grammar's static stand-in scales that is once per
 (row, NFE, guided or not).
 
 Random numbers come from the caller's stream (`sampling.streams`): the driver never draws any, so

@@ -47,10 +47,10 @@ SOLVERS = GM_SOLVERS + BASELINE_SOLVERS
 DEFAULT_SUBSTEPS_TOTAL = 128
 """GM-ODE substeps per sample over the whole grid for 2-D data and ImageNet (`docs/paper-facts.md` §2)."""
 
-GUIDED_PROBABILISTIC_PLACEHOLDER = 0.5
+GUIDED_PROBABILISTIC_STATIC_SCALE = 0.5
 """Static guidance scale of a guided GM `SolverConfig`; the traced w replaces it when sampling."""
 
-GUIDED_CFG_PLACEHOLDER = 2.0
+GUIDED_CFG_STATIC_SCALE = 2.0
 """Static guidance scale of a guided CFG `SolverConfig`; the traced w replaces it when sampling."""
 
 LEGACY_SPELLINGS = {"gm_ode2": "gm_ode_2", "gm_sde2": "gm_sde_2"}
@@ -279,15 +279,15 @@ def row_solver_config(
     else:
         substeps = 1
     if kind == "probabilistic":
-        placeholder = GUIDED_PROBABILISTIC_PLACEHOLDER if w > 0 else 0.0
+        static_scale = GUIDED_PROBABILISTIC_STATIC_SCALE if w > 0 else 0.0
     else:
-        placeholder = GUIDED_CFG_PLACEHOLDER if w > 1 else 0.0
+        static_scale = GUIDED_CFG_STATIC_SCALE if w > 1 else 0.0
     return SolverConfig(
         solver=parsed.solver,
         num_steps=nfe,
         num_substeps=substeps,
         order=parsed.order,
-        guidance_scale=placeholder,
+        guidance_scale=static_scale,
         guidance=kind,
         orthogonal_guidance=float(orthogonal_guidance),
         null_label=int(null_label),
