@@ -22,7 +22,6 @@ spectral sampling (guided, w = 0.3) and GM-ODE 2 with ceil(128 / 8) = 16 substep
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -35,6 +34,7 @@ from flax import nnx
 
 from gmflow_jax import solvers
 from gmflow_jax.atomic_file import write_json_atomic
+from gmflow_jax.config_variant import load_config_file
 from gmflow_jax.models.builder import build_model, gm_dit_config_from
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.models.gm_dit import DIT_SIZES
@@ -64,12 +64,8 @@ OOM_MARKERS = ("RESOURCE_EXHAUSTED", "Out of memory", "out of memory")
 
 def bench_config(model: str, tiny: bool) -> Any:
     """imagenet256's config with the DiT size `model` ("XL/2", "L/2", ...); `tiny`: a CPU-sized one."""
-    spec = importlib.util.spec_from_file_location(
-        "imagenet256_config", os.path.join(REPO, "configs", "imagenet256.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny" if tiny else "")
+    path = os.path.join(REPO, "configs", "imagenet256.py")
+    config = load_config_file(path, "tiny" if tiny else "")
     size, _, patch = model.partition("/")
     if not tiny:
         layers, hidden, heads = DIT_SIZES[size]

@@ -39,7 +39,6 @@ best-accuracy w, one row per class).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -52,6 +51,7 @@ from flax import nnx
 
 from gmflow_jax import tasks
 from gmflow_jax.atomic_file import write_json_atomic
+from gmflow_jax.config_variant import load_config_file
 from gmflow_jax.data.digits import NUM_CLASSES
 from gmflow_jax.eval.image_grid import class_mosaic, panel_grid_png
 from gmflow_jax.models.denoiser import network_functions
@@ -81,12 +81,7 @@ RESULTS_FILE = "benchmark.json"
 
 def load_config(variant: str):
     """`configs/digits.py:<variant>` as an ml_collections ConfigDict."""
-    spec = importlib.util.spec_from_file_location(
-        "digits_config", os.path.join(REPO, "configs", "digits.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config_file(os.path.join(REPO, "configs", "digits.py"), variant)
 
 
 def setting_key(row: str, nfe: int, w: float) -> str:

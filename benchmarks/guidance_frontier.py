@@ -37,7 +37,6 @@ setting, one column per NFE).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -53,6 +52,7 @@ from matplotlib.patches import Rectangle
 
 from gmflow_jax import tasks
 from gmflow_jax.atomic_file import write_atomic, write_json_atomic
+from gmflow_jax.config_variant import load_config_file
 from gmflow_jax.data.checkerboard import BOARD_HALF_WIDTH, CELL_SIZE, WHITE_CELLS
 from gmflow_jax.eval.figures import histogram_image
 from gmflow_jax.eval.guidance_checkerboard import (
@@ -94,12 +94,7 @@ PANEL_EXTENT = 5.0
 
 def load_config(variant: str):
     """`configs/checkerboard.py:<variant>` as an ml_collections ConfigDict."""
-    spec = importlib.util.spec_from_file_location(
-        "checkerboard_config", os.path.join(REPO, "configs", "checkerboard.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    return load_config_file(os.path.join(REPO, "configs", "checkerboard.py"), variant)
 
 
 def train_or_reuse(config, workdir: str) -> tuple[Any, dict[str, Any]]:

@@ -73,12 +73,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from gmflow_jax.atomic_file import write_json_atomic
 from gmflow_jax.paths import is_local
@@ -191,8 +193,6 @@ def _all_processes_agree(ok: bool) -> bool:
     """True iff `ok` holds on every process (a collective when there are several processes)."""
     if jax.process_count() == 1:
         return ok
-    from jax.experimental import multihost_utils
-
     flags = multihost_utils.process_allgather(np.asarray([1 if ok else 0], np.int32))
     return bool(np.all(np.asarray(flags)))
 
@@ -200,22 +200,16 @@ def _all_processes_agree(ok: bool) -> bool:
 def _sync(name: str) -> None:
     """A barrier across processes (no-op in a single process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
 def _data_save_args(iterator: Any) -> ocp.args.CheckpointArgs:
     """Orbax save args of a grain iterator's state."""
-    import grain
-
     return grain.checkpoint.CheckpointSave(iterator)
 
 
 def _data_restore_args(iterator: Any) -> ocp.args.CheckpointArgs:
     """Orbax restore args that set a grain iterator's state in place."""
-    import grain
-
     return grain.checkpoint.CheckpointRestore(iterator)
 
 
@@ -423,6 +417,15 @@ def checksum_differences(record: Mapping[str, Mapping[str, Any]], tree: PyTree) 
     """Paths of `tree` whose checksum differs from the record's (restored vs written arrays)."""
     now = array_checksums(tree)
     return [p for p in sorted(now) if p in record and record[p]["checksum"] != now[p]["checksum"]]
+
+
+def check_checksums(record: Mapping[str, Mapping[str, Any]], tree: PyTree) -> None:
+    """`CheckpointCorruptError` naming the paths (the first 8, and how many more) of `tree` whose
+    checksum differs from the record's; nothing when every one matches."""
+    bad = checksum_differences(record, tree)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise CheckpointCorruptError(f"checksum mismatch of {shown}")
 
 
 class Checkpointer:
@@ -658,10 +661,7 @@ class Checkpointer:
             ) from err
         state = restored[STATE_ITEM]
         if record is not None:
-            bad = checksum_differences(record, state)
-            if bad:
-                shown = ", ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
-                raise CheckpointCorruptError(f"checksum mismatch of {shown}")
+            check_checksums(record, state)
             if not verified and jax.process_index() == 0:
                 write_manifest(step_dir)  # the commit happened but the manifest did not
         names = [k for k in items if k != STATE_ITEM]
@@ -883,10 +883,7 @@ def _restore_weights_step(
         raise
     weights = restored[STATE_ITEM]
     if record is not None:
-        bad = checksum_differences(record, weights)
-        if bad:
-            shown = ", ".join(bad[:8]) + (f" (and {len(bad) - 8} more)" if len(bad) > 8 else "")
-            raise CheckpointCorruptError(f"checksum mismatch of {shown}")
+        check_checksums(record, weights)
     return weights
 
 

@@ -16,7 +16,6 @@ Sampler rows: `sample.gm_solvers` / `gm_rows` entries are GM rows of the one sam
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
+from gmflow_jax.config_variant import load_config_file
 from gmflow_jax.solvers import BASELINE_SOLVERS, GM_SOLVERS
 from gmflow_jax.solvers.config import parse_sampler
 
@@ -425,10 +425,7 @@ def _check_top(config: ml_collections.ConfigDict) -> None:
 def _load_config_file(spec: str) -> ml_collections.ConfigDict:
     """`get_config(variant)` of a `path[:variant]` config flag value."""
     path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_gmflow_config_probe", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
+    return load_config_file(path, variant)
 
 
 def unknown_override(argv: Sequence[str], flag: str = "config") -> str | None:

@@ -1,12 +1,16 @@
 """The variant string of a config file (`--config=configs/X.py:tiny_baseline`), parsed one way.
 
 A variant is tokens joined by "_" or ",": at most one size name, plus on/off switches. Every
-config in `configs/` calls `parse_variant` (as big_vision's configs call `parse_arg`).
+config in `configs/` calls `parse_variant` (as big_vision's configs call `parse_arg`);
+`load_config_file` runs a config file's `get_config(variant)` as `--config=path:variant` does.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
+from typing import Any
 
 
 def parse_variant(
@@ -37,3 +41,13 @@ def parse_variant(
             f"({', '.join(named_sizes)}); name at most one of: {', '.join(sizes)}"
         )
     return size, frozenset(present)
+
+
+def load_config_file(path: str | os.PathLike, variant: str = "") -> Any:
+    """`get_config(variant)` of the config file `path` (`get_config()` when `variant` is empty), as
+    `--config=path:variant` loads it; the file runs as a fresh module each call."""
+    name = "_gmflow_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()

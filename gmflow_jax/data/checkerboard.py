@@ -56,6 +56,9 @@ WHITE_CELLS = np.array(
 NUM_WHITE_CELLS = len(WHITE_CELLS)
 """8 white cells; the density on each is 1 / (NUM_WHITE_CELLS * CELL_SIZE**2) = 1/32."""
 
+POINT_SHAPE = (1, 1, 2)
+"""A 2-D point as a sample: a 1x1 "image" with 2 channels (`docs/math.md` §0.1)."""
+
 
 def _check_int(name: str, value, minimum: int) -> int:
     """Return `value` as an int, raising ValueError unless it is an integer >= minimum."""
@@ -165,14 +168,14 @@ def labeled_checkerboard_batch(key: Array, step, batch_size: int) -> tuple[Array
     """
     batch_size = _check_int("batch_size", batch_size, 1)
     x, labels = sample_checkerboard_labeled(jax.random.fold_in(key, step), batch_size)
-    return x.reshape(batch_size, 1, 1, 2), labels
+    return x.reshape(batch_size, *POINT_SHAPE), labels
 
 
 def checkerboard_batch(key: Array, step, batch_size: int) -> Array:
     """Training batch of `step`: sample_checkerboard(fold_in(key, step), B) as [B, 1, 1, 2]."""
     batch_size = _check_int("batch_size", batch_size, 1)
     x = sample_checkerboard(jax.random.fold_in(key, step), batch_size)
-    return x.reshape(batch_size, 1, 1, 2)
+    return x.reshape(batch_size, *POINT_SHAPE)
 
 
 def checkerboard_batches(key: Array, batch_size: int, start_step: int = 0) -> Iterator[Array]:

@@ -87,6 +87,8 @@ def _check_image_size(image_size) -> int:
 @functools.cache
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     """The bundled data set as (raw pixels [1797, 8, 8] float64 in 0..16, labels [1797] int64)."""
+    # imported here: scikit-learn takes ~0.6 s to import, and every run imports this module
+    # through the task registry; only digits runs pay for it
     from sklearn.datasets import load_digits as sklearn_load_digits
 
     bunch = sklearn_load_digits()

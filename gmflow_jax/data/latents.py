@@ -62,6 +62,7 @@ from typing import Any
 import grain
 import ml_dtypes
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from gmflow_jax.atomic_file import write_json_atomic
 
@@ -166,8 +167,6 @@ def write_shard(path: str, records: Sequence[bytes]) -> int:
     The file is written under a temporary name in the same directory and renamed when complete, so a
     file at `path` is always whole.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
     try:
@@ -272,8 +271,6 @@ def _unreadable(path: str, err: BaseException) -> LatentDataError:
 
 def _count_records(path: str) -> int:
     """Number of records of the ArrayRecord file `path`; `LatentDataError` naming it if unreadable."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
     # Why RuntimeError: array_record's C++ reader reports every damage (short file, bad chunk,
     # missing footer) as a RuntimeError, sometimes without a message.
     try:

@@ -18,7 +18,6 @@ results [{row, solver, order, nfe, num_substeps, metrics, sample_time_s}].
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,9 +26,18 @@ import jax
 import ml_collections
 
 from gmflow_jax import solvers
+from gmflow_jax.data.checkerboard import POINT_SHAPE
 from gmflow_jax.eval.checkerboard import checkerboard_metrics, exact_sample_floor
 from gmflow_jax.eval.figures import histogram_grid_png
-from gmflow_jax.eval.sweep import Setting, format_table, run_sweep, sweep_settings, write_metrics
+from gmflow_jax.eval.sweep import (
+    Setting,
+    format_table,
+    metrics_payload,
+    model_kind,
+    publish,
+    run_sweep,
+    sweep_settings,
+)
 from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import per_chunk_streams
@@ -39,9 +47,6 @@ METRIC_COLUMNS = ("in_square_rate", "histogram_tv", "sliced_w1", "coverage", "no
 
 RESULT_FIELDS = ("row", "solver", "order", "nfe", "num_substeps")
 """Setting fields of a checkerboard result (no guidance: the checkerboard is unconditional)."""
-
-POINT_SHAPE = (1, 1, 2)
-"""A 2-D point as a 1x1 "image" with 2 channels (docs/math.md §0.1)."""
 
 
 def checkerboard_settings(
@@ -100,7 +105,7 @@ def evaluate_checkerboard(
         on_samples=keep,
     )
     floor = exact_sample_floor(n, floor_key)
-    kind = "flow_matching_baseline" if config.model.mean_only else "gmflow"
+    kind = model_kind(bool(config.model.mean_only))
     histogram_grid_png(
         join(workdir, config.eval.figure_file),
         samples,
@@ -108,18 +113,15 @@ def evaluate_checkerboard(
         nfes,
         title=f"checkerboard, {kind}, EMA, N={n}",
     )
-    payload = {
-        "model": kind,
-        "config": json.loads(config.to_json_best_effort()),
-        "train": train_info or {},
-        "eval": {"num_samples": n, "wall_time_s": time.perf_counter() - t_start},
-        "exact_sample_floor": floor,
-        "results": results,
-    }
-    write_metrics(join(workdir, config.eval.metrics_file), payload)
+    payload = metrics_payload(
+        config,
+        kind,
+        train_info,
+        eval={"num_samples": n, "wall_time_s": time.perf_counter() - t_start},
+        exact_sample_floor=floor,
+        results=results,
+    )
     table = format_table(
         results, METRIC_COLUMNS, show_w=False, references=[("exact samples", floor)]
     )
-    print(table, flush=True)
-    payload["table"] = table
-    return payload
+    return publish(join(workdir, config.eval.metrics_file), payload, table)

@@ -37,7 +37,6 @@ name                            what it is
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,10 +46,18 @@ import ml_collections
 import numpy as np
 
 from gmflow_jax import guidance, solvers
-from gmflow_jax.data.checkerboard import NUM_WHITE_CELLS
+from gmflow_jax.data.checkerboard import NUM_WHITE_CELLS, POINT_SHAPE
 from gmflow_jax.eval.figures import histogram_grid_png
 from gmflow_jax.eval.guidance_checkerboard import METRIC_NAMES, exact_floor, guidance_metrics
-from gmflow_jax.eval.sweep import Setting, format_table, run_sweep, sweep_settings, write_metrics
+from gmflow_jax.eval.sweep import (
+    Setting,
+    format_table,
+    metrics_payload,
+    model_kind,
+    publish,
+    run_sweep,
+    sweep_settings,
+)
 from gmflow_jax.paths import join
 from gmflow_jax.sampling.driver import SamplingDriver
 from gmflow_jax.sampling.streams import ChunkStreams, batch_streams
@@ -62,22 +69,11 @@ NUM_CLASSES = NUM_WHITE_CELLS
 NULL_LABEL = NUM_CLASSES
 """The unconditional label (the label table's last row, §4.4)."""
 
-POINT_SHAPE = (1, 1, 2)
-"""One 2-D point as a 1x1 two-channel image (§0.1)."""
-
 RESULT_FIELDS = ("row", "solver", "order", "num_substeps", "nfe", "guidance", "w", "guided")
 """Setting fields of a result (`eval.sweep.setting_fields`)."""
 
-TABLE_COLUMNS = (
-    "precision",
-    "within_cell_tv",
-    "within_cell_tv_floor",
-    "within_cell_coverage",
-    "overshoot_rate",
-    "overshoot_distance",
-    "concentration",
-)
-"""Metrics shown in the printed table (all of them go to metrics.json)."""
+TABLE_COLUMNS = tuple(name for name in METRIC_NAMES if name != "nonfinite_rate")
+"""Metrics shown in the printed table: all but `nonfinite_rate` (all of them go to metrics.json)."""
 
 TABLE_WIDTH = 22
 """Column width of the printed table (the longest metric name is 20 characters)."""
@@ -230,7 +226,7 @@ def evaluate_guidance_checkerboard(
     settings = guidance_settings(config, mean_only)
     results = score_settings(driver, settings, streams, per_class, keep_panel)
     floor = exact_floor(class_labels(per_class), floor_key)
-    kind = "flow_matching_baseline" if mean_only else "gmflow"
+    kind = model_kind(mean_only)
     if panels:
         methods = list(dict.fromkeys(m for m, _ in panels))
         scales = sorted({w for _, w in panels})
@@ -244,24 +240,21 @@ def evaluate_guidance_checkerboard(
             panel_px=150,
             extent=FIGURE_EXTENT,
         )
-    payload = {
-        "model": kind,
-        "config": json.loads(config.to_json_best_effort()),
-        "train": train_info or {},
-        "eval": {
+    payload = metrics_payload(
+        config,
+        kind,
+        train_info,
+        eval={
             "num_samples": per_class * NUM_CLASSES,
             "per_class": per_class,
             "metric_names": list(METRIC_NAMES),
             "wall_time_s": time.perf_counter() - t_start,
         },
-        "exact_sample_floor": floor,
-        "results": results,
-    }
-    write_metrics(join(workdir, config.eval.metrics_file), payload)
+        exact_sample_floor=floor,
+        results=results,
+    )
     shown = [{**r, "row": r["method"]} for r in results]
     table = format_table(
         shown, TABLE_COLUMNS, references=[("exact samples", floor)], width=TABLE_WIDTH
     )
-    print(table, flush=True)
-    payload["table"] = table
-    return payload
+    return publish(join(workdir, config.eval.metrics_file), payload, table)

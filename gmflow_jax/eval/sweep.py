@@ -15,6 +15,9 @@ name                            what it is
 `setting_fields`                the result fields of a setting (row, solver, order, nfe, ...)
 `run_sweep`                     settings -> samples via the driver -> metrics -> results list
 `write_metrics`                 `metrics.json` (atomic, strict JSON: non-finite -> null)
+`model_kind`                    "gmflow" or "flow_matching_baseline" (metrics.json "model")
+`metrics_payload`               the metrics.json payload: model kind, run config, train info, ...
+`publish`                       write the payload, print the table; the payload plus "table"
 `format_table`                  the printed table: one line per setting + reference lines
 ==============================  ==================================================================
 """
@@ -22,6 +25,7 @@ name                            what it is
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -139,6 +143,34 @@ def run_sweep(
 def write_metrics(path: str, payload: Mapping[str, Any]) -> None:
     """Write the metrics payload as strict JSON atomically (non-finite numbers become null)."""
     write_json_atomic(path, dict(payload))
+
+
+def model_kind(mean_only: bool) -> str:
+    """The "model" of a metrics.json: "flow_matching_baseline" for a mean-only model, else "gmflow"."""
+    return "flow_matching_baseline" if mean_only else "gmflow"
+
+
+def metrics_payload(
+    config: Any, kind: str, train_info: Mapping[str, Any] | None, **entries: Any
+) -> dict[str, Any]:
+    """The metrics.json payload of an evaluation: "model" (`kind`, see `model_kind`), "config" (the
+    run's ConfigDict as JSON), "train" (`train_info`, or {}), then `entries` in the order given (the
+    task's "eval", references, "results", ...)."""
+    return {
+        "model": kind,
+        "config": json.loads(config.to_json_best_effort()),
+        "train": train_info or {},
+        **entries,
+    }
+
+
+def publish(path: str, payload: dict[str, Any], table: str) -> dict[str, Any]:
+    """Write `payload` to `path` (`write_metrics`) and print `table`; returns the payload with the
+    table under "table" (what a task's `evaluate` returns)."""
+    write_metrics(path, payload)
+    print(table, flush=True)
+    payload["table"] = table
+    return payload
 
 
 def format_table(

@@ -64,6 +64,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gmflow_jax.models.flat_params import abstract_flat_params, module_from_flat_params
+
 Array = jax.Array
 
 NORM_EPS = 1e-6
@@ -562,20 +564,14 @@ def latents_to_images(vae: AutoencoderKL, latents: Array) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
-def _abstract_model(config: VAEConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, state) of an `AutoencoderKL` whose arrays are ShapeDtypeStructs."""
-    return nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
-
-
-def _flat_params(state: nnx.State) -> dict[str, Any]:
-    """Parameters of `state` keyed by dotted path."""
-    flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
-    return {".".join(str(p) for p in path): v for path, v in flat.items()}
+def _build(config: VAEConfig):
+    """A builder of an `AutoencoderKL` for `config` (for `gmflow_jax.models.flat_params`)."""
+    return lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))
 
 
 def abstract_vae_params(config: VAEConfig) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes of this module's parameters, keyed by dotted path (no arrays are materialized)."""
-    return _flat_params(_abstract_model(config)[1])
+    return abstract_flat_params(_build(config))
 
 
 def count_vae_params(config: VAEConfig) -> int:
@@ -584,24 +580,11 @@ def count_vae_params(config: VAEConfig) -> int:
 
 
 def vae_from_params(config: VAEConfig, params: Mapping[str, Any]) -> AutoencoderKL:
-    """Build an `AutoencoderKL` holding `params` (flat dotted keys, as `interop.key_table` converts)."""
-    graphdef, state = _abstract_model(config)
-    expected = _flat_params(state)
-    missing = sorted(set(expected) - set(params))
-    extra = sorted(set(params) - set(expected))
-    bad = [
-        f"{k} {tuple(np.shape(params[k]))}, expected {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in params and tuple(np.shape(params[k])) != tuple(v.shape)
-    ]
-    if missing or extra or bad:
-        raise ValueError(
-            f"params do not match the config: missing {missing}, unexpected {extra}, shapes {bad}"
-        )
-    flat = nnx.traversals.flatten_mapping(nnx.to_pure_dict(state))
-    new = {path: jnp.asarray(params[".".join(str(p) for p in path)], jnp.float32) for path in flat}
-    nnx.replace_by_pure_dict(state, nnx.traversals.unflatten_mapping(new))
-    return nnx.merge(graphdef, state)
+    """Build an `AutoencoderKL` holding `params` (flat dotted keys, as `interop.key_table` converts).
+
+    Raises ValueError naming every missing key, unexpected key and shape mismatch.
+    """
+    return module_from_flat_params(_build(config), params, "VAE")
 
 
 def load_vae(

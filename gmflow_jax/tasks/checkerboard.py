@@ -27,16 +27,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from gmflow_jax.data.checkerboard import BOARD_HALF_WIDTH, checkerboard_batch
+from gmflow_jax.data.checkerboard import BOARD_HALF_WIDTH, POINT_SHAPE, checkerboard_batch
 from gmflow_jax.eval.checkerboard import HIST_EXTENT, checkerboard_metrics
-from gmflow_jax.eval.checkerboard_sweep import (
-    POINT_SHAPE,
-    checkerboard_settings,
-    evaluate_checkerboard,
-)
+from gmflow_jax.eval.checkerboard_sweep import checkerboard_settings, evaluate_checkerboard
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.sampling.driver import SamplingDriver
-from gmflow_jax.sampling.streams import per_chunk_streams
+from gmflow_jax.sampling.streams import ChunkStreams, per_chunk_streams
+from gmflow_jax.solvers.config import SolverConfig
 from gmflow_jax.train.task import Batch, BatchLayout
 
 Array = jax.Array
@@ -92,6 +89,10 @@ class CheckerboardTask:
             yield {"x0": make(self.keys["data"], jnp.int32(step), layout.global_batch_size)}
             step += 1
 
+    evaluate_sweep = staticmethod(evaluate_checkerboard)
+    """The evaluation `evaluate` runs: `(config, workdir, denoiser, ema_params, eval_key,
+    train_info) -> metrics.json payload plus "table"` (a subclass swaps in its own sweep)."""
+
     def evaluate(
         self,
         workdir: str,
@@ -99,10 +100,10 @@ class CheckerboardTask:
         ema_params: PyTree,
         train_info: dict[str, Any],
     ) -> dict[str, Any]:
-        """`eval.checkerboard_sweep.evaluate_checkerboard`: every (row, NFE) with the EMA params,
-        metrics.json, the PNG grid and the printed table (returned under "table")."""
+        """`evaluate_sweep` (`eval.checkerboard_sweep.evaluate_checkerboard`: every (row, NFE))
+        with the EMA params: metrics.json, the PNG grid and the printed table (under "table")."""
         denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
-        return evaluate_checkerboard(
+        return self.evaluate_sweep(
             self.config, workdir, denoiser, ema_params, self.keys["eval"], train_info
         )
 
@@ -116,8 +117,30 @@ class CheckerboardTask:
         n = int(self.config.eval.periodic_samples)
         noise_key, metric_key, _ = jax.random.split(self.keys["eval"], 3)  # as evaluate's
         streams = per_chunk_streams(noise_key, n, int(self.config.sample.batch_size), POINT_SHAPE)
+        x = self._sample_points(graphdef, ema_params, setting.cfg, streams, n)
+        return self._periodic_result(checkerboard_metrics(x, metric_key), x)
+
+    @staticmethod
+    def _sample_points(
+        graphdef: nnx.GraphDef,
+        ema_params: PyTree,
+        cfg: SolverConfig,
+        streams: ChunkStreams,
+        n: int,
+        labels: np.ndarray | None = None,
+        guidance_scale: float | None = None,
+    ) -> np.ndarray:
+        """`n` points [n, 2] drawn by solver `cfg` with the EMA params (class `labels` and the
+        guidance scale for a class-conditional model)."""
         denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
-        x = SamplingDriver(denoiser, ema_params).sample(setting.cfg, streams, n).reshape(n, 2)
-        metrics = checkerboard_metrics(x, metric_key)
+        driver = SamplingDriver(denoiser, ema_params)
+        return driver.sample(cfg, streams, n, labels, guidance_scale).reshape(n, 2)
+
+    @staticmethod
+    def _periodic_result(
+        metrics: dict[str, Any], x: np.ndarray
+    ) -> tuple[dict[str, float], np.ndarray]:
+        """`evaluate_during_training`'s (scalars, image): the metrics less "num_samples" (not a
+        scalar to log) and the density image of the points [n, 2]."""
         metrics.pop("num_samples")
         return metrics, density_image(x)

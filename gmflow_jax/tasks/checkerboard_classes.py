@@ -34,9 +34,7 @@ from gmflow_jax.eval.guidance_checkerboard_sweep import (
     guidance_settings,
     guidance_streams,
 )
-from gmflow_jax.models.denoiser import network_functions
-from gmflow_jax.sampling.driver import SamplingDriver
-from gmflow_jax.tasks.checkerboard import CheckerboardTask, density_image
+from gmflow_jax.tasks.checkerboard import CheckerboardTask
 from gmflow_jax.train.task import Batch, BatchLayout
 
 Array = jax.Array
@@ -78,19 +76,8 @@ class CheckerboardClassesTask(CheckerboardTask):
             yield {"x0": x0, "labels": labels}
             step += 1
 
-    def evaluate(
-        self,
-        workdir: str,
-        graphdef: nnx.GraphDef,
-        ema_params: PyTree,
-        train_info: dict[str, Any],
-    ) -> dict[str, Any]:
-        """`evaluate_guidance_checkerboard` with the EMA params: metrics.json, the PNG and the
-        printed table (returned under "table")."""
-        denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
-        return evaluate_guidance_checkerboard(
-            self.config, workdir, denoiser, ema_params, self.keys["eval"], train_info
-        )
+    evaluate_sweep = staticmethod(evaluate_guidance_checkerboard)
+    """`evaluate` runs the guidance sweep (rows x NFE x guidance scale, exact guidance metrics)."""
 
     def evaluate_during_training(
         self, workdir: str, graphdef: nnx.GraphDef, ema_params: PyTree, step: int
@@ -104,10 +91,8 @@ class CheckerboardClassesTask(CheckerboardTask):
         labels = class_labels(per_class)
         sweep_key, _ = jax.random.split(self.keys["eval"])  # as evaluate's
         streams = guidance_streams(sweep_key, per_class, int(self.config.sample.batch_size))
-        denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
-        driver = SamplingDriver(denoiser, ema_params)
         scale = setting.w if setting.cfg.guided else None
-        x = driver.sample(setting.cfg, streams, len(labels), labels, scale).reshape(-1, 2)
-        metrics = guidance_metrics(x, labels)
-        metrics.pop("num_samples")
-        return metrics, density_image(x)
+        x = self._sample_points(
+            graphdef, ema_params, setting.cfg, streams, len(labels), labels, scale
+        )
+        return self._periodic_result(guidance_metrics(x, labels), x)

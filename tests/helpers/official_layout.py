@@ -110,13 +110,22 @@ def official_spectrum_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
     }
 
 
-def random_state_dict(shapes: dict, seed: int) -> dict[str, np.ndarray]:
-    """Random float32 weights, every one nonzero: fan-in scaled matrices, O(0.1) biases."""
+def random_state_dict(
+    shapes: dict, seed: int, *, bias_std: float = 0.1, norm_std: float | None = None
+) -> dict[str, np.ndarray]:
+    """Random float32 weights, every one nonzero: fan-in scaled matrices, `bias_std` biases.
+
+    With `norm_std`, GroupNorm scales (VAE keys `.norm*`, `group_norm`, `conv_norm_out`) are
+    `1 + norm_std * N(0, 1)` rather than fan-in scaled, so activations keep their scale.
+    """
     rng = np.random.default_rng(seed)
     sd = {}
     for key, shape in shapes.items():
+        is_norm = ".norm" in key or "group_norm" in key or "conv_norm_out" in key
         if key.endswith(".bias"):
-            value = 0.1 * rng.standard_normal(shape)
+            value = bias_std * rng.standard_normal(shape)
+        elif norm_std is not None and is_norm:
+            value = 1.0 + norm_std * rng.standard_normal(shape)
         elif key.endswith("embedding_table.weight"):
             value = 0.5 * rng.standard_normal(shape)
         else:
@@ -140,13 +149,22 @@ def write_official_folder(
     (root / "model_index.json").write_text(json.dumps({"_class_name": "GMDiTPipeline"}))
 
 
-def load_convert_cli():
-    """Import tools/convert_official_checkpoint.py as a module."""
-    path = REPO / "tools" / "convert_official_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_official_checkpoint", path)
+def _load_tool(name: str):
+    """Import tools/<name>.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_convert_cli():
+    """Import tools/convert_official_checkpoint.py as a module."""
+    return _load_tool("convert_official_checkpoint")
+
+
+def load_convert_vae_cli():
+    """Import tools/convert_vae.py as a module."""
+    return _load_tool("convert_vae")
 
 
 TINY_VAE_CONFIG = {
@@ -172,8 +190,22 @@ PIPELINE_VAE_CONFIG = {**TINY_VAE_CONFIG, "block_out_channels": [16, 32]}
 """`TINY_VAE_CONFIG` at half the width (the pipeline tests only need its key layout)."""
 
 
-def vae_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every key of a diffusers AutoencoderKL state dict -> torch shape (a plain description)."""
+VAE_ATTENTION_NAMES = {
+    "modern": ("to_q", "to_k", "to_v", "to_out.0"),
+    "legacy": ("query", "key", "value", "proj_attn"),
+}
+"""The mid-block attention projections (q, k, v, out) as diffusers names them: `modern` since
+diffusers 0.15, `legacy` in older checkpoints such as sd-vae-ft-ema."""
+
+
+def vae_layout(
+    cfg: dict, attention: str = "modern", attn_as_conv: bool = False
+) -> dict[str, tuple[int, ...]]:
+    """Every key of a diffusers AutoencoderKL state dict -> torch shape (a plain description).
+
+    `attention` picks the attention key naming of `VAE_ATTENTION_NAMES`; `attn_as_conv` gives the
+    attention projections 1x1-conv weights `(c, c, 1, 1)`, as some legacy checkpoints store them.
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     chans, lat = cfg["block_out_channels"], cfg["latent_channels"]
 
@@ -194,8 +226,8 @@ def vae_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
     def mid(name, c):
         resnet(f"{name}.resnets.0", c, c)
         norm(f"{name}.attentions.0.group_norm", c)
-        for proj in ("to_q", "to_k", "to_v", "to_out.0"):
-            shapes[f"{name}.attentions.0.{proj}.weight"] = (c, c)
+        for proj in VAE_ATTENTION_NAMES[attention]:
+            shapes[f"{name}.attentions.0.{proj}.weight"] = (c, c, 1, 1) if attn_as_conv else (c, c)
             shapes[f"{name}.attentions.0.{proj}.bias"] = (c,)
         resnet(f"{name}.resnets.1", c, c)
 
@@ -224,19 +256,8 @@ def vae_layout(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def vae_state_dict(seed: int) -> dict[str, np.ndarray]:
-    """Random VAE weights: GroupNorm scales near 1, fan-in scaled convs, small biases."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in vae_layout(PIPELINE_VAE_CONFIG).items():
-        is_norm = ".norm" in key or "group_norm" in key or "conv_norm_out" in key
-        if key.endswith(".bias"):
-            value = 0.05 * rng.standard_normal(shape)
-        elif is_norm:
-            value = 1.0 + 0.1 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-        sd[key] = value.astype(np.float32)
-    return sd
+    """Random weights of the `PIPELINE_VAE_CONFIG` VAE: GroupNorm scales near 1, small biases."""
+    return random_state_dict(vae_layout(PIPELINE_VAE_CONFIG), seed, bias_std=0.05, norm_std=0.1)
 
 
 def write_tiny_official_folder(root: pathlib.Path) -> pathlib.Path:

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.gm_inputs import gm_with_negligible_component, random_gm, uniform_gm
 from helpers.numerics import (
-    LOG_W_TINY,
     bcast,
     check_jit_vmap_grad_bf16_float64,
     fd_check,
@@ -37,14 +37,6 @@ EPS = 1e-6  # the §3.1 / §3.3 / §3.4 floors
 # ------------------------------------------------------------------------------------------------
 # helpers and numpy float64 oracles
 # ------------------------------------------------------------------------------------------------
-
-
-def random_gm(rng, batch=(2, 2, 3), k=3, c=2, logstd_range=(-1.0, 0.5)):
-    means = rng.normal(size=batch + (k, c))
-    logits = 1.5 * rng.normal(size=batch + (k, 1))
-    lw = logits - logsumexp(logits, axis=-2, keepdims=True)
-    ls = rng.uniform(*logstd_range, size=(batch[0],) + (1,) * (len(batch) + 1))
-    return means, lw, ls
 
 
 def np_conditioning_coefs(sigma, sigma_to):
@@ -589,11 +581,7 @@ def test_gradients_match_finite_differences_at_extreme_values():
     t_hi = np.array([1e-3, 999.9])
     t_lo = np.array([0.0, 500.0])
     for logstd in (-12.0, 4.0):
-        means, lw, _ = random_gm(rng, batch=(2, 2, 3), k=3, c=4)
-        lw[..., 0, :] = LOG_W_TINY
-        lw = lw - logsumexp(lw, axis=-2, keepdims=True)
-        ls = np.full((2, 1, 1, 1, 1), logstd)
-        gm = (means, lw, ls)
+        gm = gm_with_negligible_component(rng, logstd)
         for name in ("u_to_x0", "reverse_transition_gm_u", "reverse_transition_gm_x0"):
             fn, args = _case_args(name, rng, gm, t_hi, t_lo)
             fd_check(fn, args, rng, [1.0] * 4 + [0.0] * (len(args) - 4))
@@ -618,13 +606,7 @@ def test_gradients_match_finite_differences_at_extreme_values():
 
 
 def test_shape_mistakes_raise_value_errors_naming_the_argument():
-    k, c = 3, 4
-    gm = G.GM(
-        jnp.zeros((2, 3, 3, k, c)),
-        jnp.full((2, 3, 3, k, 1), -math.log(k)),
-        jnp.zeros((2, 1, 1, 1, 1)),
-    )
-    x = jnp.zeros((2, 3, 3, c))
+    gm, x = uniform_gm(k=3, c=4)
     bad_gm = G.GM(gm.means, gm.logweights[..., :2, :], gm.logstds)
     jit = jax.jit
     with pytest.raises(ValueError, match=r"t must be a scalar or a per-sample \[B\] array"):

@@ -8,14 +8,16 @@ and trace-time shape errors.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import gm_inputs
+from helpers.gm_inputs import gm_with_negligible_component, uniform_gm
 from helpers.numerics import (
-    LOG_W_TINY,
     check_jit_vmap_grad_bf16_float64,
     fd_check,
     rbg_key,
@@ -33,17 +35,8 @@ from gmflow_jax.constants import PRODUCT_EPS, QUOTIENT_EPS
 # ------------------------------------------------------------------------------------------------
 
 
-def random_gm(rng, batch=(2, 3, 2), k=3, c=2, logstd=None, mean_scale=2.0):
-    """Random normalized GM as numpy float64 arrays (means, logweights, logstds per sample)."""
-    means = mean_scale * rng.normal(size=batch + (k, c))
-    logits = 1.5 * rng.normal(size=batch + (k, 1))
-    logweights = logits - logsumexp(logits, axis=-2, keepdims=True)
-    ls_shape = (batch[0],) + (1,) * (len(batch) - 1) + (1, 1)
-    if logstd is None:
-        logstds = rng.uniform(-1.0, 0.5, size=ls_shape)
-    else:
-        logstds = np.full(ls_shape, float(logstd))
-    return means, logweights, logstds
+# this file's random GMs: batch (2, 3, 2) and means of std 2 (components well apart)
+random_gm = functools.partial(gm_inputs.random_gm, batch=(2, 3, 2), mean_scale=2.0)
 
 
 def np_moments(means, logweights, logstds):
@@ -186,16 +179,20 @@ def _summaries(means, lw, ls, x):
     return G.gm_mean(gm), m, v, G.gm_to_gaussian(gm)[1], G.gm_logprob(gm, x)
 
 
+def _assert_same_summaries(args, ref_args):
+    """The float64 summaries of GM `args` equal those of `ref_args` to 1e-12."""
+    out, ref = run64(_summaries, *args), run64(_summaries, *ref_args)
+    for a, b in zip(out, ref, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_constant_shift_of_logweights_then_renormalizing_leaves_summaries_unchanged():
     rng = np.random.default_rng(5)
     means, lw, ls = random_gm(rng, k=5, c=3)
     x = rng.normal(size=means.shape[:-2] + (3,))
-    ref = run64(_summaries, means, lw, ls, x)
     for const in (-60.0, 37.0):
         lw2 = (lw + const) - logsumexp(lw + const, axis=-2, keepdims=True)
-        out = run64(_summaries, means, lw2, ls, x)
-        for a, b in zip(out, ref, strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+        _assert_same_summaries((means, lw2, ls, x), (means, lw, ls, x))
 
 
 def test_permuting_components_leaves_summaries_unchanged():
@@ -203,10 +200,7 @@ def test_permuting_components_leaves_summaries_unchanged():
     means, lw, ls = random_gm(rng, k=6, c=2)
     x = rng.normal(size=means.shape[:-2] + (2,))
     perm = rng.permutation(6)
-    ref = run64(_summaries, means, lw, ls, x)
-    out = run64(_summaries, means[..., perm, :], lw[..., perm, :], ls, x)
-    for a, b in zip(out, ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    _assert_same_summaries((means[..., perm, :], lw[..., perm, :], ls, x), (means, lw, ls, x))
 
 
 def test_splitting_a_component_into_two_identical_halves_leaves_summaries_unchanged():
@@ -216,10 +210,7 @@ def test_splitting_a_component_into_two_identical_halves_leaves_summaries_unchan
     means2 = np.concatenate([means, means[..., 1:2, :]], axis=-2)
     lw2 = np.concatenate([lw, lw[..., 1:2, :] - np.log(2)], axis=-2)
     lw2[..., 1:2, :] -= np.log(2)
-    ref = run64(_summaries, means, lw, ls, x)
-    out = run64(_summaries, means2, lw2, ls, x)
-    for a, b in zip(out, ref, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    _assert_same_summaries((means2, lw2, ls, x), (means, lw, ls, x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -539,10 +530,7 @@ def test_gradients_match_finite_differences_at_extreme_values():
     for logstd in (-12.0, 4.0):
         rng = np.random.default_rng(int(logstd) + 20)
         # the shapes of `_case_args`, so the float32 compilations are shared
-        means, lw, _ = random_gm(rng, batch=(2, 2, 3), k=3, c=4)
-        lw[..., 0, :] = LOG_W_TINY  # a component of weight ~1e-30
-        lw = lw - logsumexp(lw, axis=-2, keepdims=True)
-        ls = np.full((2, 1, 1, 1, 1), logstd)
+        means, lw, ls = gm_with_negligible_component(rng, logstd, mean_scale=2.0)
         s = math.exp(logstd)
         # points within a few stds of the heaviest component, so the density is not flat zero
         heavy = np.take_along_axis(means, np.argmax(lw, axis=-2)[..., None], axis=-2)[..., 0, :]
@@ -568,12 +556,9 @@ def test_gaussian_product_and_log_density_gradients_match_finite_differences():
 
 
 def test_shape_mistakes_raise_value_errors_naming_the_argument():
-    k, c = 3, 4
-    means = jnp.zeros((2, 3, 3, k, c))
-    lw = jnp.full((2, 3, 3, k, 1), -math.log(k))
-    ls = jnp.zeros((2, 1, 1, 1, 1))
-    good = G.GM(means, lw, ls)
-    x = jnp.zeros((2, 3, 3, c))
+    c = 4
+    good, x = uniform_gm(k=3, c=c)
+    means, lw, ls = good.means, good.logweights, good.logstds
     jit = lambda f: jax.jit(f)  # noqa: E731  (errors must appear at trace time)
     with pytest.raises(ValueError, match="gm must be a gmflow_jax.gm.GM"):
         jit(G.gm_mean)((means, lw, ls))

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.gm_inputs import gm_with_negligible_component, random_gm, uniform_gm
 from helpers.numerics import (
-    LOG_W_TINY,
     bcast,
     check_jit_vmap_grad_bf16_float64,
     fd_check,
@@ -37,14 +37,6 @@ T = 1000.0
 # ------------------------------------------------------------------------------------------------
 # helpers and numpy float64 oracles
 # ------------------------------------------------------------------------------------------------
-
-
-def random_gm(rng, batch=(2, 2, 3), k=3, c=2, logstd_range=(-1.0, 0.5)):
-    means = rng.normal(size=batch + (k, c))
-    logits = 1.5 * rng.normal(size=batch + (k, 1))
-    lw = logits - logsumexp(logits, axis=-2, keepdims=True)
-    ls = rng.uniform(*logstd_range, size=(batch[0],) + (1,) * (len(batch) + 1))
-    return means, lw, ls
 
 
 def np_nll(means, lw, ls, x):
@@ -422,10 +414,7 @@ def test_gradients_match_finite_differences_at_extreme_values():
     rng = np.random.default_rng(5)
     t_hi, t_lo = np.array([1e-3, 999.9]), np.array([0.0, 500.0])
     for logstd in (-12.0, 4.0):
-        means, lw, _ = random_gm(rng, batch=(2, 2, 3), k=3, c=4)
-        lw[..., 0, :] = LOG_W_TINY
-        lw = lw - logsumexp(lw, axis=-2, keepdims=True)
-        ls = np.full((2, 1, 1, 1, 1), logstd)
+        means, lw, ls = gm_with_negligible_component(rng, logstd)
         s = math.exp(logstd)
         fn, args = _case_args("gm_nll", rng, (means, lw, ls))
         x = means[..., 1, :] + s * rng.normal(size=means[..., 1, :].shape)
@@ -437,13 +426,7 @@ def test_gradients_match_finite_differences_at_extreme_values():
 
 
 def test_shape_mistakes_raise_value_errors_naming_the_argument():
-    k, c = 3, 4
-    gm = G.GM(
-        jnp.zeros((2, 3, 3, k, c)),
-        jnp.full((2, 3, 3, k, 1), -math.log(k)),
-        jnp.zeros((2, 1, 1, 1, 1)),
-    )
-    x = jnp.zeros((2, 3, 3, c))
+    gm, x = uniform_gm(k=3, c=4)
     t = jnp.array([500.0, 300.0])
     with pytest.raises(ValueError, match=r"target x must have shape \[..., 4\]"):
         jax.jit(L.gm_nll)(gm, x[..., :1])

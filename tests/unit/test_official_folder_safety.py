@@ -16,7 +16,6 @@ SHA-256, weights read straight from the official-layout state dicts of `helpers.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -27,10 +26,10 @@ from flax import nnx
 from helpers.official_layout import (
     PIPELINE_DIT_CONFIG,
     PIPELINE_VAE_CONFIG,
-    REPO,
     TINY_DIT_CONFIG,
     TINY_SPECTRUM_CONFIG,
     load_convert_cli,
+    load_convert_vae_cli,
     official_spectrum_layout,
     official_transformer_layout,
     random_state_dict,
@@ -56,14 +55,6 @@ def weights():
         "b": random_state_dict(layout, seed=7),
         "spec": random_state_dict(official_spectrum_layout(TINY_SPECTRUM_CONFIG), seed=2),
     }
-
-
-def _load_vae_cli():
-    """Import tools/convert_vae.py as a module."""
-    spec = importlib.util.spec_from_file_location("convert_vae", REPO / "tools" / "convert_vae.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _official(root: pathlib.Path, dit: dict, spec: dict | None) -> pathlib.Path:
@@ -192,7 +183,7 @@ def test_a_folder_that_is_not_a_conversion_is_never_replaced(tmp_path, weights, 
 
 def test_failed_vae_conversion_leaves_the_old_vae_folder_identical(tmp_path, monkeypatch, capsys):
     """tools/convert_vae.py stages its folder too: an error after the params file changes nothing."""
-    cli = _load_vae_cli()
+    cli = load_convert_vae_cli()
     vae_dir = tmp_path / "vae"
     vae_dir.mkdir()
     (vae_dir / "config.json").write_text(json.dumps(PIPELINE_VAE_CONFIG))

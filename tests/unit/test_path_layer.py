@@ -1,7 +1,7 @@
 """The path layer and atomic writes on a non-local filesystem: `gs://` served by an in-memory bucket.
 
 etils `epath` sends `gs://` paths to its fsspec backend; the fixture gives that backend fsspec's
-in-memory filesystem instead of GCS, so every byte goes through the same `epath` code a real bucket
+in-memory filesystem instead of GCS (`helpers.memory_bucket`), so every byte goes through the same `epath` code a real bucket
 does, and nothing touches the local disk (checked: no local `gs:` directory appears).
 """
 
@@ -11,9 +11,7 @@ import os
 
 import numpy as np
 import pytest
-from etils.epath import backend as epath_backend
-from etils.epath import gpath
-from fsspec.implementations.memory import MemoryFileSystem
+from helpers.memory_bucket import use_memory_bucket
 
 from gmflow_jax import paths
 from gmflow_jax.atomic_file import write_atomic, write_json_atomic, write_npz_atomic
@@ -22,12 +20,7 @@ from gmflow_jax.atomic_file import write_atomic, write_json_atomic, write_npz_at
 @pytest.fixture
 def bucket(monkeypatch, tmp_path):
     """An empty in-memory `gs://` filesystem; the test runs in an empty local directory."""
-    memory = MemoryFileSystem()
-    memory.store.clear()
-    memory.pseudo_dirs.clear()
-    memory.pseudo_dirs.append("")
-    monkeypatch.setattr(epath_backend._FileSystemSpecBackend, "fs", lambda self, path: memory)
-    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
+    memory = use_memory_bucket(monkeypatch)
     monkeypatch.chdir(tmp_path)
     yield memory
     assert not os.path.exists(tmp_path / "gs:")  # nothing fell through to the local disk

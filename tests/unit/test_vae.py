@@ -8,7 +8,6 @@ the diffusers AutoencoderKL module tree written independently of the converter.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -19,6 +18,12 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers.official_layout import TINY_VAE_CONFIG as TINY_CONFIG
+from helpers.official_layout import (
+    VAE_ATTENTION_NAMES,
+    load_convert_vae_cli,
+    random_state_dict,
+    vae_layout,
+)
 from safetensors.numpy import save_file
 
 from gmflow_jax.interop.key_table import convert_vae_state_dict
@@ -53,84 +58,10 @@ SD_VAE_FT_EMA_CONFIG = {
 
 SD_VAE_FT_EMA_PARAMS = 83_653_863
 
-ATTENTION_NAMES = {
-    "modern": ("to_q", "to_k", "to_v", "to_out.0"),
-    "legacy": ("query", "key", "value", "proj_attn"),
-}
 
-
-# ----------------------------------------------------------------------------------------------
-# The diffusers key layout, from a plain description of the architecture
-# ----------------------------------------------------------------------------------------------
-
-
-def _diffusers_layout(cfg: dict, attention: str = "modern", attn_as_conv: bool = False) -> dict:
-    """Every diffusers AutoencoderKL state-dict key -> torch shape, for a config dict."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    chans, layers, lat = cfg["block_out_channels"], cfg["layers_per_block"], cfg["latent_channels"]
-
-    def conv(name, cin, cout, k):
-        shapes[f"{name}.weight"] = (cout, cin, k, k)
-        shapes[f"{name}.bias"] = (cout,)
-
-    def norm(name, c):
-        shapes[f"{name}.weight"] = (c,)
-        shapes[f"{name}.bias"] = (c,)
-
-    def resnet(name, cin, cout):
-        norm(f"{name}.norm1", cin)
-        conv(f"{name}.conv1", cin, cout, 3)
-        norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout, 3)
-        if cin != cout:
-            conv(f"{name}.conv_shortcut", cin, cout, 1)
-
-    def mid(name, c):
-        resnet(f"{name}.resnets.0", c, c)
-        norm(f"{name}.attentions.0.group_norm", c)
-        for proj in ATTENTION_NAMES[attention]:
-            shapes[f"{name}.attentions.0.{proj}.weight"] = (c, c, 1, 1) if attn_as_conv else (c, c)
-            shapes[f"{name}.attentions.0.{proj}.bias"] = (c,)
-        resnet(f"{name}.resnets.1", c, c)
-
-    conv("encoder.conv_in", cfg["in_channels"], chans[0], 3)
-    for i, c in enumerate(chans):
-        for j in range(layers):
-            resnet(f"encoder.down_blocks.{i}.resnets.{j}", chans[max(i - 1, 0)] if j == 0 else c, c)
-        if i < len(chans) - 1:
-            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", c, c, 3)
-    mid("encoder.mid_block", chans[-1])
-    norm("encoder.conv_norm_out", chans[-1])
-    conv("encoder.conv_out", chans[-1], 2 * lat, 3)
-    conv("quant_conv", 2 * lat, 2 * lat, 1)
-    conv("post_quant_conv", lat, lat, 1)
-    rev = chans[::-1]
-    conv("decoder.conv_in", lat, rev[0], 3)
-    mid("decoder.mid_block", rev[0])
-    for i, c in enumerate(rev):
-        for j in range(layers + 1):
-            resnet(f"decoder.up_blocks.{i}.resnets.{j}", rev[max(i - 1, 0)] if j == 0 else c, c)
-        if i < len(rev) - 1:
-            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", c, c, 3)
-    norm("decoder.conv_norm_out", rev[-1])
-    conv("decoder.conv_out", rev[-1], cfg["out_channels"], 3)
-    return shapes
-
-
-def _random_state_dict(shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:
+def _vae_state_dict(shapes: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights: fan-in scaled kernels, norm scales near 1, small biases."""
-    rng = np.random.default_rng(seed)
-    sd = {}
-    for key, shape in shapes.items():
-        is_norm = ".norm" in key or "group_norm" in key or "conv_norm_out" in key
-        if key.endswith(".bias"):
-            value = 0.1 * rng.standard_normal(shape)
-        elif is_norm:
-            value = 1.0 + 0.2 * rng.standard_normal(shape)
-        else:
-            value = rng.standard_normal(shape) / math.sqrt(math.prod(shape[1:]))
-        sd[key] = value.astype(np.float32)
-    return sd
+    return random_state_dict(shapes, seed, bias_std=0.1, norm_std=0.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +121,7 @@ class _Oracle:
     def attention(self, name, x):
         bsz, c, h, w = x.shape
         style = "modern" if f"{name}.to_q.weight" in self.sd else "legacy"
-        nq, nk, nv, no = (f"{name}.{p}" for p in ATTENTION_NAMES[style])
+        nq, nk, nv, no = (f"{name}.{p}" for p in VAE_ATTENTION_NAMES[style])
         t = self.norm(f"{name}.group_norm", x).reshape(bsz, c, h * w).transpose(0, 2, 1)
         q, k, v = self.linear(nq, t), self.linear(nk, t), self.linear(nv, t)
         s = q @ k.transpose(0, 2, 1) / math.sqrt(c)
@@ -243,15 +174,6 @@ class _Oracle:
 # ----------------------------------------------------------------------------------------------
 
 
-def _load_cli():
-    """Import tools/convert_vae.py as a module."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "tools" / "convert_vae.py"
-    spec = importlib.util.spec_from_file_location("convert_vae", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _write_vae_dir(path: pathlib.Path, cfg: dict, sd: dict) -> pathlib.Path:
     """A diffusers-style vae/ folder: config.json + diffusion_pytorch_model.safetensors."""
     path.mkdir(parents=True, exist_ok=True)
@@ -263,7 +185,7 @@ def _write_vae_dir(path: pathlib.Path, cfg: dict, sd: dict) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def tiny():
     """Tiny config, its random diffusers state dict, the float64 oracle and converted params."""
-    sd = _random_state_dict(_diffusers_layout(TINY_CONFIG))
+    sd = _vae_state_dict(vae_layout(TINY_CONFIG))
     config = VAEConfig.from_diffusers(TINY_CONFIG)
     params = convert_vae_state_dict(sd, config)
     return {"sd": sd, "config": config, "params": params, "oracle": _Oracle(sd, TINY_CONFIG)}
@@ -298,9 +220,12 @@ _latents_to_images = nnx.jit(latents_to_images)
 )
 def test_converted_encoder_and_decoder_match_numpy_oracle(tmp_path, attention, attn_as_conv):
     """CLI conversion of a safetensors file, then encode/decode equal the float64 NumPy forward."""
-    sd = _random_state_dict(_diffusers_layout(TINY_CONFIG, attention, attn_as_conv), seed=1)
+    sd = _vae_state_dict(vae_layout(TINY_CONFIG, attention, attn_as_conv), seed=1)
     vae_dir = _write_vae_dir(tmp_path / "vae", TINY_CONFIG, sd)
-    assert _load_cli().main(["--vae_dir", str(vae_dir), "--out_dir", str(tmp_path / "out")]) == 0
+    assert (
+        load_convert_vae_cli().main(["--vae_dir", str(vae_dir), "--out_dir", str(tmp_path / "out")])
+        == 0
+    )
     vae = load_vae(str(tmp_path / "out" / "vae_params.npz"))
     oracle = _Oracle(sd, TINY_CONFIG)
 
@@ -406,7 +331,7 @@ def test_real_config_shapes_and_parameter_count():
     """sd-vae-ft-ema: 256x256x3 -> 32x32x4 -> 256x256x3 and 83,653,863 params, without materializing."""
     config = VAEConfig.from_diffusers(SD_VAE_FT_EMA_CONFIG)
     assert config == sd_vae_ft_ema_config() and config.scaling_factor == 0.18215
-    layout = _diffusers_layout(SD_VAE_FT_EMA_CONFIG, "legacy")
+    layout = vae_layout(SD_VAE_FT_EMA_CONFIG, "legacy")
     assert sum(math.prod(s) for s in layout.values()) == SD_VAE_FT_EMA_PARAMS
 
     graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0))))
@@ -424,7 +349,7 @@ def test_config_parsing_ignores_unknown_keys_and_validates_known_ones():
     """Unknown keys are ignored; to_diffusers round-trips; bad known values raise ValueError."""
     config = VAEConfig.from_diffusers({**TINY_CONFIG, "some_future_key": [1, 2]})
     assert config.block_out_channels == (32, 64) and config.layers_per_block == 1
-    layout = _diffusers_layout(TINY_CONFIG)
+    layout = vae_layout(TINY_CONFIG)
     assert count_vae_params(config) == sum(math.prod(s) for s in layout.values())
     assert VAEConfig.from_diffusers(config.to_diffusers()) == config
     bad = [
@@ -478,7 +403,12 @@ def test_converter_names_unmapped_missing_duplicate_and_misshaped_keys(tiny):
 def test_converter_cli_refuses_a_folder_without_weights(tmp_path, capsys):
     """The CLI names the missing file in one line on stderr, exits 1 and writes nothing."""
     (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
-    assert _load_cli().main(["--vae_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")]) == 1
+    assert (
+        load_convert_vae_cli().main(
+            ["--vae_dir", str(tmp_path), "--out_dir", str(tmp_path / "out")]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert "diffusion_pytorch_model.safetensors" in err
