@@ -36,9 +36,11 @@ from gmflow_jax.constants import (
 from gmflow_jax.gm import (
     GM,
     axis_log_softmax,
+    axis_softmax,
     axis_sum,
     check_gm,
     check_point,
+    sq_distance,
     to_compute_dtype,
     weighted_sum,
 )
@@ -209,6 +211,9 @@ def _retarget_gaussian(x_src, sigma_src, x_tgt, sigma_tgt) -> tuple[Array, Array
 
 
 def _retarget_parts(gm_x0: GM, x_src, t_src, x_tgt, t_tgt):
+    """(gm, g_m `[..., C]`, g_v, s2, norm): the likelihood-ratio Gaussian N(g_m, g_v) of §3.4,
+    the GM's variance s2 and the product's normalizer norm = g_v + s2 (the last three
+    `[B, 1, ..., 1]`, broadcasting against the means `[..., K, C]`)."""
     check_gm(gm_x0, "gm_x0")
     gm = gm_x0.astype_compute()
     x_src, x_tgt = to_compute_dtype(x_src), to_compute_dtype(x_tgt)
@@ -221,21 +226,28 @@ def _retarget_parts(gm_x0: GM, x_src, t_src, x_tgt, t_tgt):
     g_m, g_v = _retarget_gaussian(x_src[..., None, :], sigma_src, x_tgt[..., None, :], sigma_tgt)
     s2 = jnp.exp(2.0 * gm.logstds)
     norm = jnp.maximum(g_v + s2, RETARGET_EPS)
-    means = (g_v * gm.means + s2 * g_m) / norm
-    sq = axis_sum((gm.means - g_m) ** 2, -1, keepdims=True)
-    logits = gm.logweights - sq / (2.0 * norm)
-    return gm, means, logits, g_v, norm
+    return gm, g_m[..., 0, :], g_v, s2, norm
 
 
 def retarget_gm(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> GM:
     """The x0-GM predicted at (x_src, t_src) re-targeted to (x_tgt, t_tgt < t_src) (§3.4, fused §2.5)."""
-    gm, means, logits, g_v, norm = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
+    gm, g_m, g_v, s2, norm = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
+    means = (g_v * gm.means + s2 * g_m[..., None, :]) / norm
+    sq = axis_sum((gm.means - g_m[..., None, :]) ** 2, -1, keepdims=True)
+    logits = gm.logweights - sq / (2.0 * norm)
     logstds = gm.logstds + 0.5 * jnp.log(g_v) - 0.5 * jnp.log(norm)
     return GM(means, axis_log_softmax(logits, -2), logstds)
 
 
 def retarget_mean(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> Array:
-    """E[x0 | x_tgt] under the x0-GM predicted at (x_src, t_src), shape `[..., C]` (§3.4)."""
-    _, means, logits, _, _ = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
-    w = jnp.exp(axis_log_softmax(logits, -2))
-    return weighted_sum(w, means)
+    """E[x0 | x_tgt] under the x0-GM predicted at (x_src, t_src), shape `[..., C]` (§3.4).
+
+    The mean of `retarget_gm` without forming it: every product component mean is the same affine
+    map of mu_k, (g_v mu_k + s2 g_m) / norm, and the weights sum to one, so the mean is that map of
+    sum_k w_k mu_k (the weights with the component axis minor, see `gm.sq_distance`).
+    """
+    gm, g_m, g_v, s2, norm = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
+    # [B, 1, ..., 1] against the weights [..., K] (g_v is a scalar for scalar times)
+    g_v, s2, norm = (a[..., 0] if a.ndim else a for a in (g_v, s2, norm))
+    w = axis_softmax(gm.logweights[..., 0] - sq_distance(g_m, gm.means) / (2.0 * norm), -1)
+    return (g_v * weighted_sum(w, gm.means) + s2 * g_m) / norm

@@ -22,6 +22,7 @@ mistakes raise `ValueError` at trace time, naming the argument and the expected 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
@@ -41,14 +42,38 @@ UNROLL_MAX = 64
 """Reductions over static axes up to this size are unrolled into element-wise ops (see `axis_sum`)."""
 
 
+_FORMS_OVERRIDE: list[bool] = []
+"""A stack set by `forced_forms` (tests); empty: the backend decides."""
+
+
 def cpu_reformulations() -> bool:
     """The one switch for the XLA:CPU-specific forms of the K- and C-axis math in this package.
 
     True on the CPU backend: short-axis sums, weighted sums and log-sum-exps are unrolled into
-    element-wise ops or written as dots (`axis_sum`, `weighted_sum`, `axis_logsumexp`).
-    Other backends (GPU, TPU) reduce natively and keep the straightforward lowering.
+    element-wise ops or written as dots, per-component quantities keep the component axis minor,
+    and channel sums read channel slices of their inputs (`axis_sum`, `weighted_sum`,
+    `axis_logsumexp`, `axis_softmax`, `component_weights`, `sq_distance`). XLA:CPU's loop emitter
+    vectorizes along the minor axis and re-reads or re-computes what a reduction's consumers share;
+    these forms are what it runs at memory speed (`benchmarks/gm_ops.py`).
+    Other backends (GPU, TPU) reduce natively and keep the straightforward lowering. The choice
+    is made while tracing; `forced_forms` overrides it (tests compare both forms on the CPU).
     """
+    if _FORMS_OVERRIDE:
+        return _FORMS_OVERRIDE[-1]
     return jax.default_backend() == "cpu"
+
+
+@contextlib.contextmanager
+def forced_forms(cpu: bool):
+    """Trace with the CPU forms on (`cpu=True`) or off, whatever the backend.
+
+    Only functions traced inside the block see it: a function jitted before keeps its trace.
+    """
+    _FORMS_OVERRIDE.append(bool(cpu))
+    try:
+        yield
+    finally:
+        _FORMS_OVERRIDE.pop()
 
 
 def _slices(x: Array, axis: int) -> list[Array]:
@@ -65,7 +90,7 @@ DOT_SUM_MIN = 5
 """Under `cpu_reformulations()`, sums over axes of at least this size are dots (see `axis_sum`)."""
 
 
-def axis_sum(x: Array, axis: int, keepdims: bool = False) -> Array:
+def axis_sum(x: Array, axis: int, keepdims: bool = False, broadcast_back: bool = True) -> Array:
     """Sum over one short static axis (K components or C channels).
 
     XLA:CPU runs reductions over short minor axes 4-5x slower than element-wise work, and these sums
@@ -78,12 +103,16 @@ def axis_sum(x: Array, axis: int, keepdims: bool = False) -> Array:
       (it made the GM-SDE 2 correction 15x slower); a dot is never duplicated. (An optimization
       barrier does not help: XLA:CPU removes barriers before fusion.)
 
+    A caller whose sum is not broadcast back over the axis passes `broadcast_back=False` and gets
+    the unrolled sum at every size up to `UNROLL_MAX` (the dot materializes its operand: the GM
+    spread of `gm_to_iso_gaussian` took 15% longer as a dot).
+
     Other backends reduce natively (`jnp.sum`).
     """
     size = x.shape[axis]
     if size > UNROLL_MAX or not cpu_reformulations():
         return jnp.sum(x, axis=axis, keepdims=keepdims)
-    if size >= DOT_SUM_MIN:
+    if size >= DOT_SUM_MIN and broadcast_back:
         axis %= x.ndim
         ones = jnp.ones((size,), x.dtype)
         out = jax.lax.dot_general(
@@ -99,35 +128,80 @@ WEIGHTED_SUM_UNROLL_MAX = 8
 
 
 def weighted_sum(w: Array, x: Array) -> Array:
-    """sum_k w_k x_k over the K axis: `w [..., K, 1]`, `x [..., K, C]` -> `[..., C]`.
+    """sum_k w_k x_k over the K axis: `w [..., K]`, `x [..., K, C]` -> `[..., C]`.
 
-    Equal to `axis_sum(w * x, -2)`. Under `cpu_reformulations()` and for K <= 8 the products are
-    formed per component slice and added element-wise (gm_mean at the latent shape: 2.9 ms against
-    6.2 ms for the dot of `axis_sum`, and 13.6 ms for `jnp.sum`). XLA fuses this sum into consumers
-    that broadcast it back over K and recomputes it there; up to K = 8 that costs less than the dot
-    (a GM mean feeding a GM product: 6.9 ms of CPU against 8.9 ms), beyond it the K-fold recompute
-    dominates, so larger K keep the dot of `axis_sum`.
+    Under `cpu_reformulations()` and for K <= 8 the products are formed per component slice and
+    added element-wise (gm_mean at the latent shape: 0.46 ms for the sum with `w [..., K]`, 0.62 ms
+    with `w [..., K, 1]`, 7 ms for `jnp.sum`). XLA fuses this sum into consumers that broadcast it
+    back over K and recomputes it there; up to K = 8 that costs less than a dot (a GM mean feeding a
+    GM product: 6.9 ms of CPU against 8.9 ms), beyond it the K-fold recompute dominates, so larger
+    K are a dot with a ones vector (`axis_sum`).
     """
     k = x.shape[-2]
     if k > WEIGHTED_SUM_UNROLL_MAX or not cpu_reformulations():
-        return axis_sum(w * x, -2)
-    terms = [a * b for a, b in zip(_slices(w, -2), _slices(x, -2), strict=True)]
-    return jnp.squeeze(functools.reduce(operator.add, terms), -2)
+        return axis_sum(w[..., None] * x, -2)
+    terms = [w[..., i, None] * x[..., i, :] for i in range(k)]
+    return functools.reduce(operator.add, terms)
+
+
+def component_weights(logweights: Array) -> Array:
+    """The mixture weights exp(l_k) as `[..., K]` (the component axis minor) from `[..., K, 1]`.
+
+    Why the barrier: XLA:CPU's loop emitter vectorizes along the minor dimension, and `exp` over a
+    `[..., K, 1]` array (minor size 1) runs ~5x slower than over `[..., K]` (1.4 ms against 0.25 ms
+    for the latent shape's 1M weights). Squeezing first is not enough: XLA's reshape mover sinks the
+    squeeze of a parameter below the element-wise `exp`. An optimization barrier stops the mover and
+    is itself removed before code generation, so it costs nothing (CPU only; other backends lay out
+    both shapes alike).
+    """
+    lw = logweights[..., 0]
+    if cpu_reformulations():
+        lw = jax.lax.optimization_barrier(lw)
+    return jnp.exp(lw)
+
+
+def sq_distance(x: Array, means: Array, keepdims: bool = False) -> Array:
+    """Squared distances |x - mu_k|^2 of points `x [..., C]` to the means `[..., K, C]`.
+
+    Returns `[..., K]`, or `[..., K, 1]` with `keepdims` (the log-weight layout). Under
+    `cpu_reformulations()` the channel sum is written over channel slices of the inputs, so XLA
+    fuses it into its consumer without a `[..., K, C]` intermediate (materialized otherwise,
+    because the consumer reads it C times).
+    """
+    if not cpu_reformulations() or means.shape[-1] > UNROLL_MAX:
+        return jnp.sum((x[..., None, :] - means) ** 2, axis=-1, keepdims=keepdims)
+    if keepdims:
+        terms = [(x[..., None, c : c + 1] - means[..., c : c + 1]) ** 2 for c in range(x.shape[-1])]
+    else:
+        terms = [(x[..., None, c] - means[..., c]) ** 2 for c in range(means.shape[-1])]
+    return functools.reduce(operator.add, terms)
 
 
 def _shifted_exp_sum(x: Array, axis: int) -> tuple[Array, Array, Array]:
-    """(m, e, S): the finite max m over `axis` (kept), e = exp(x - m) and S = sum e (unrolled)."""
-    m = functools.reduce(jnp.maximum, _slices(x, axis))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    e = jnp.exp(x - m)
-    return m, e, _unrolled_sum(e, axis)
+    """(LSE, m, S) over `axis` (dropped): m the max, S = sum_k exp(min(x_k - m, 0)) (unrolled).
+
+    The LSE is m + log(max(S, 1)) where m is finite, and m itself (+-inf, NaN) elsewhere; `m` is
+    returned as the finite shift (0 where the max is not finite). The two clamps are exact in
+    exact arithmetic (the max's own term is exp(0) = 1). Why they are there: XLA fuses the
+    computation of `x` into both the max and the exponentials and may round the two copies
+    differently (one contracted into an FMA, the other not); for logits of magnitude 1e11 (a point
+    far from every component) one ulp is 3e4, and the unclamped exponentials of the off-by-ulps
+    copies give S = 0 or S = inf. The terms are slices without the reduced axis: a kept size-1
+    axis would be the minor one of the fusion, and XLA:CPU does not vectorize `exp` along it.
+    """
+    terms = [jax.lax.index_in_dim(x, i, axis, keepdims=False) for i in range(x.shape[axis])]
+    m = functools.reduce(jnp.maximum, terms)
+    finite = jnp.isfinite(m)
+    shift = jnp.where(finite, m, 0.0)
+    total = functools.reduce(operator.add, [jnp.exp(jnp.minimum(t - shift, 0.0)) for t in terms])
+    total = jnp.maximum(total, 1.0)
+    return jnp.where(finite, shift + jnp.log(total), m), shift, total
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _unrolled_logsumexp(x: Array, axis: int) -> Array:
-    """Max-shifted log-sum-exp over `axis` (kept), the sum of exponentials unrolled."""
-    m, _, total = _shifted_exp_sum(x, axis)
-    return m + jnp.log(total)
+    """Max-shifted log-sum-exp over `axis` (dropped), the sum of exponentials unrolled."""
+    return _shifted_exp_sum(x, axis)[0]
 
 
 @_unrolled_logsumexp.defjvp
@@ -137,12 +211,13 @@ def _unrolled_logsumexp_jvp(axis, primals, tangents):
     Why: differentiating the unrolled sum makes its transpose scatter the cotangent into K padded
     full-size arrays (K = 64: 64 x [B, K] buffers, 90% of the transition loss's backward on the
     checkerboard); the transpose of `jnp.sum` is one broadcast, fused into its consumer. The softmax
-    is e / S with the forward's shifted exponentials (as accurate as the derivative of the
-    unrolled sum, unlike exp(x - LSE), which loses the bits of the rounded LSE).
+    is e / S with the forward's shift and sum (as accurate as the derivative of the unrolled sum,
+    unlike exp(x - LSE), which loses the bits of the rounded LSE).
     """
     (x,), (dx,) = primals, tangents
-    m, e, total = _shifted_exp_sum(x, axis)
-    return m + jnp.log(total), jnp.sum(e / total * dx, axis=axis, keepdims=True)
+    lse, shift, total = _shifted_exp_sum(x, axis)
+    e = jnp.exp(jnp.minimum(x - jnp.expand_dims(shift, axis), 0.0))
+    return lse, jnp.sum(e / jnp.expand_dims(total, axis) * dx, axis=axis)
 
 
 def axis_logsumexp(x: Array, axis: int, keepdims: bool = False) -> Array:
@@ -154,13 +229,36 @@ def axis_logsumexp(x: Array, axis: int, keepdims: bool = False) -> Array:
     """
     if x.shape[axis] > UNROLL_MAX or not cpu_reformulations():
         return jax.nn.logsumexp(x, axis=axis, keepdims=keepdims)
-    out = _unrolled_logsumexp(x, axis % x.ndim)
-    return out if keepdims else jnp.squeeze(out, axis)
+    axis %= x.ndim
+    if axis < x.ndim - 1 and math.prod(x.shape[axis + 1 :]) == 1:
+        # [..., K, 1] (log-weights): reduce the squeezed [..., K]; the trailing size-1 axis would
+        # be the minor axis of the fusion (see `_shifted_exp_sum`)
+        out = _unrolled_logsumexp(x.reshape(x.shape[: axis + 1]), axis)
+        out = out.reshape(x.shape[:axis] + x.shape[axis + 1 :])
+    else:
+        out = _unrolled_logsumexp(x, axis)
+    return jnp.expand_dims(out, axis) if keepdims else out
 
 
 def axis_log_softmax(x: Array, axis: int) -> Array:
     """Log-softmax over one short static axis, built on `axis_logsumexp`."""
     return x - axis_logsumexp(x, axis, keepdims=True)
+
+
+def axis_softmax(x: Array, axis: int = -1) -> Array:
+    """Softmax over one short static axis (the weights of a mixture from its logits).
+
+    Under `cpu_reformulations()`: the max is unrolled, the exponentials are clamped as in
+    `_shifted_exp_sum`, and their sum is the dot of `axis_sum`. Why the dot here: it makes XLA
+    write the exponentials once, where an unrolled sum would have every consumer recompute the
+    logits (re-targeted mean at the latent shape: 1.6 ms against 2.4 ms).
+    """
+    if x.shape[axis] > UNROLL_MAX or not cpu_reformulations():
+        return jax.nn.softmax(x, axis=axis)
+    m = functools.reduce(jnp.maximum, _slices(x, axis))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    e = jnp.exp(jnp.minimum(x - m, 0.0))
+    return e / jnp.maximum(axis_sum(e, axis, keepdims=True), 1.0)
 
 
 def to_compute_dtype(x) -> Array:
@@ -255,24 +353,26 @@ def gm_mean(gm: GM, power: float = 1.0) -> Array:
     """Mean of the GM, sum_k softmax(p l)_k mu_k, shape `[..., C]` (§2.1)."""
     check_gm(gm)
     gm = gm.astype_compute()
-    if (
-        power == 1.0
-    ):  # log-weights are normalized: the same weights as gm_to_iso_gaussian, bit for bit
-        w = jnp.exp(gm.logweights)
+    if power == 1.0:
+        # log-weights are normalized: the same weights as gm_to_iso_gaussian, bit for bit
+        w = component_weights(gm.logweights)
     else:
-        w = jnp.exp(axis_log_softmax(power * gm.logweights, -2))
+        w = jnp.exp(axis_log_softmax(power * gm.logweights[..., 0], -1))
     return weighted_sum(w, gm.means)
 
 
 def gm_to_iso_gaussian(gm: GM) -> tuple[Array, Array]:
-    """Moment-matched isotropic Gaussian `(m [..., C], v [..., 1])`, v per pixel (§2.2)."""
+    """Moment-matched isotropic Gaussian `(m [..., C], v [..., 1])`, v per pixel (§2.2).
+
+    Two passes (the mean, then the weighted squared distances to it), as accurate as the centred
+    form of §2.2; the second pass reads the means again rather than a `[..., K, C]` centred copy.
+    """
     check_gm(gm)
     gm = gm.astype_compute()
-    w = jnp.exp(gm.logweights)
+    w = component_weights(gm.logweights)
     m = weighted_sum(w, gm.means)  # bit for bit gm_mean (the 2nd-order correction compares them)
-    centered = gm.means - m[..., None, :]
-    spread = axis_sum(w * axis_sum(centered**2, -1, keepdims=True), -2) / gm.num_channels
-    var = spread + jnp.exp(2.0 * gm.logstds[..., 0, :])
+    spread = axis_sum(w * sq_distance(m, gm.means), -1, broadcast_back=False) / gm.num_channels
+    var = spread[..., None] + jnp.exp(2.0 * gm.logstds[..., 0, :])
     return m, var
 
 
@@ -296,10 +396,9 @@ def gm_logprob(gm: GM, x: Array) -> Array:
     gm = gm.astype_compute()
     x = to_compute_dtype(x)
     c = gm.num_channels
-    inv_var = jnp.exp(-2.0 * gm.logstds)
-    sq = axis_sum((x[..., None, :] - gm.means) ** 2, -1, keepdims=True)
-    logits = gm.logweights - 0.5 * sq * inv_var - c * gm.logstds
-    return axis_logsumexp(logits[..., 0], -1) - 0.5 * c * LOG_2PI
+    logstd = gm.logstds[..., 0]  # [..., 1]: broadcasts over the K axis of the logits
+    logits = gm.logweights[..., 0] - 0.5 * sq_distance(x, gm.means) * jnp.exp(-2.0 * logstd)
+    return axis_logsumexp(logits - c * logstd, -1) - 0.5 * c * LOG_2PI
 
 
 def iso_gaussian_logprob(mean: Array, var: Array, x: Array) -> Array:
@@ -334,7 +433,7 @@ def gm_mul_iso_gaussian(
     s2 = jnp.exp(2.0 * gm.logstds)
     norm = jnp.maximum(v + rho * s2, PRODUCT_EPS)
     means = (v * gm.means + rho * s2 * m) / norm
-    sq = axis_sum((gm.means - m) ** 2, -1, keepdims=True)
+    sq = sq_distance(mean, gm.means, keepdims=True)
     logweights = axis_log_softmax(gm.logweights - rho * sq / (2.0 * norm), -2)
     logstds = gm.logstds + 0.5 * jnp.log(v) - 0.5 * jnp.log(norm)
     return GM(means, logweights, logstds)
