@@ -55,16 +55,17 @@ tests/unit/test_transport.py for the float64 brute-force check.
 """
 
 KR_UNROLL_MAX_CHANNELS = 8
+"""Rotations by V are unrolled into element-wise products up to this many channels (see
+`_rotate`); more channels use a batched matmul."""
 
 KR_UNROLL_MAX_COMPONENTS = 16
 """Largest K for which `gaussian_to_gm_samples` runs the bracketed solver on K separate arrays.
 
-Why a limit: the unrolled program grows with K x C (every component of every axis is its own array),
-so its compile time grows with it (K = 64, C = 4 took ~50 s instead of ~1 s). Above the limit the map
-is the reference's vectorized 16-step clamped Newton iteration over a K axis (§2.9), one `lax.scan`
-over the axes, whose program size does not depend on K."""
-"""Rotations by V are unrolled into element-wise products up to this many channels (see
-`_rotate_channels`); more channels use a batched matmul."""
+Why a limit: the unrolled program grows with K (every component is its own array in the solver and
+the per-axis setup), so its compile time grows with it (K = 64, C = 4 took ~50 s instead of ~1 s
+before the axes were rolled into one `lax.scan`). Above the limit the map is the reference's
+vectorized 16-step clamped Newton iteration over a K axis (§2.9), one `lax.scan` over the axes,
+whose program size does not depend on K."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,6 +193,14 @@ def _bracketed_halley(
     element-wise work (`gm.axis_sum`), and the K-fold blowup that keeps `axis_sum` from unrolling
     cannot happen here because the loop carry is materialized every iteration. With the K terms as
     separate operands every iteration is one vectorized pass over the points on every backend.
+
+    Why the loop carries the sums at the current iterate (and not only the iterate): a loop body
+    that starts from y and evaluates F, F' and F'' at it feeds the K `erf` terms to several
+    consumers (the bracket update, the step), and XLA:CPU then materializes every term (K arrays)
+    and recomputes the sum in each consumer. Evaluated at the end of the body, each sum has a single
+    consumer, the loop carry, so an iteration is one fused pass for F (the K `erf` terms) and one
+    for F' and F'' (the K `exp` terms, accumulated as one complex number F' + i F'' so that each
+    `exp` is computed once), plus a few cheap element-wise updates.
     """
     inv_std = 1.0 / std
     # Every component CDF is monotone, so F(min_k mu_k + s z) <= u = erf(z / sqrt 2) <=
@@ -214,20 +223,27 @@ def _bracketed_halley(
     pdf_scale = 2.0 * inv_std / math.sqrt(2.0 * math.pi)  # f' = 2 pdf = pdf_scale sum_k w_k e_k
     slack = 1e-3 * std
 
-    def halley_step(_, carry):
-        y, lo, hi, step_prev, step_prev2 = carry
-        cdf, dens, slope = 0.0, 0.0, 0.0
+    def scaled_cdf(y):  # F(y) = sum_k w_k erf(d_k / sqrt 2)
+        cdf = 0.0
+        for m, w in zip(means, weights, strict=True):
+            cdf = cdf + w * jax.lax.erf((y - m) * inv_std * (1.0 / _SQRT2))
+        return cdf
+
+    def dens_slope(y):  # sum_k w_k e_k + i sum_k w_k e_k d_k, e_k = exp(-d_k^2 / 2)
+        acc = 0.0
         for m, w in zip(means, weights, strict=True):
             d = (y - m) * inv_std
             e = w * jnp.exp(-0.5 * d * d)
-            cdf = cdf + w * jax.lax.erf(d * (1.0 / _SQRT2))
-            dens = dens + e
-            slope = slope + e * d
+            acc = acc + jax.lax.complex(e, e * d)
+        return acc
+
+    def halley_step(_, carry):
+        y, lo, hi, step_prev, step_prev2, cdf, dens_slope_y = carry
         f = cdf - u
         below = f < 0  # the root lies above y
         lo, hi = jnp.where(below, y, lo), jnp.where(below, hi, y)
-        f1 = pdf_scale * dens  # dF/dy
-        f2 = -pdf_scale * inv_std * slope  # d2F/dy2
+        f1 = pdf_scale * jnp.real(dens_slope_y)  # dF/dy
+        f2 = -pdf_scale * inv_std * jnp.imag(dens_slope_y)  # d2F/dy2
         step = 2.0 * f * f1 / (2.0 * f1 * f1 - f * f2)
         y_halley = y - step
         # Take Halley's step if it lands in the bracket and is at most half the step before the
@@ -243,10 +259,19 @@ def _bracketed_halley(
             & (jnp.abs(step) <= 0.5 * step_prev2 + slack)
         )
         y_next = jnp.where(halley, jnp.clip(y_halley, lo, hi), 0.5 * (lo + hi))
-        return y_next, lo, hi, jnp.abs(y_next - y), step_prev
+        return (
+            y_next,
+            lo,
+            hi,
+            jnp.abs(y_next - y),
+            step_prev,
+            scaled_cdf(y_next),
+            dens_slope(y_next),
+        )
 
     width = hi - lo
-    return jax.lax.fori_loop(0, n_steps, halley_step, (y0, lo, hi, width, width))[0]
+    carry = (y0, lo, hi, width, width, scaled_cdf(y0), dens_slope(y0))
+    return jax.lax.fori_loop(0, n_steps, halley_step, carry)[0]
 
 
 def gm1d_inverse_cdf_bracketed(
@@ -301,16 +326,17 @@ def kr_rotation(gm: GM) -> Array:
         raise ValueError(f"gm.means must have shape [B, ..., K, C], got {gm.means.shape}")
     gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm.astype_compute())
     b, c = gm.means.shape[0], gm.num_channels
-    w = jnp.exp(gm.logweights)
+    # exp on [..., K] rather than [..., K, 1]: XLA:CPU runs transcendentals ~5x slower on arrays
+    # whose minor dimension is 1.
+    w = jnp.exp(gm.logweights[..., 0])[..., None]
     centered = gm.means - axis_sum(w * gm.means, -2, keepdims=True)  # two-pass, as §2.3
     # The pixel mean of the per-pixel §2.3 covariances is one contraction over (pixels, K): a single
-    # [C, P K] x [P K, C] matmul per sample instead of P tiny [C, K] x [K, C] ones.
-    spread = jnp.einsum(
-        "bnc,bnd->bcd",
-        (w * centered).reshape(b, -1, c),
-        centered.reshape(b, -1, c),
-        precision=_HIGHEST,
-    )
+    # [C, P K] x [P K, C] matmul per sample instead of P tiny [C, K] x [K, C] ones. Both operands
+    # are sqrt(w) (mu - m): one array instead of two (w (mu - m) and mu - m) halves the memory of
+    # this step, and above 32 MB the temporaries of a jitted call are mapped afresh (page faults)
+    # on every call.
+    scaled = (jnp.sqrt(w) * centered).reshape(b, -1, c)
+    spread = jnp.einsum("bnc,bnd->bcd", scaled, scaled, precision=_HIGHEST)
     pixels = gm.means.shape[1:-2]
     var = jnp.broadcast_to(jnp.exp(2.0 * gm.logstds)[..., 0, 0], (b,) + pixels)
     var = jnp.mean(var.reshape(b, -1), axis=-1)
@@ -343,6 +369,9 @@ def _validate_kr(gm: GM, points: Array, rotation: Array | None, name: str):
             f"got {points.shape}"
         )
     num_channels = means_shape[-1]
+    points = to_compute_dtype(points)
+    if not has_sample_axis:
+        points = points[:, None]
     if rotation is None:
         rotation = kr_rotation(gm)
     rotation = jax.lax.stop_gradient(to_compute_dtype(rotation))
@@ -351,9 +380,6 @@ def _validate_kr(gm: GM, points: Array, rotation: Array | None, name: str):
             f"rotation must have shape [B, C, C] = {(means_shape[0], num_channels, num_channels)}, "
             f"got {rotation.shape}"
         )
-    points = to_compute_dtype(points)
-    if not has_sample_axis:
-        points = points[:, None]
     return gm.astype_compute(), points, rotation, has_sample_axis
 
 
@@ -429,6 +455,18 @@ def _gaussian_to_gm_samples_newton(gm: GM, z: Array, rotation: Array | None) -> 
     return jax.lax.stop_gradient(x.astype(out_dtype))
 
 
+def _transposed(x: Array, perm: tuple[int, ...]) -> Array:
+    """`x` transposed by `perm` and flattened to 1-D; reshape the result back where it is used.
+
+    Why flattened: XLA:CPU picks the layout of a transposed array freely and, when the consumer
+    wants another one, moves the data inside that consumer's fusion, or in a separate copy, with its
+    generic loop emitter (~5x slower than its transpose kernel, measured on this 16.8 MB array). A
+    1-D reshape of the transposed array only exists in row-major order, so the data movement happens
+    once, here, in one transpose-and-copy fusion.
+    """
+    return jnp.transpose(x, perm).reshape(-1)
+
+
 def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> Array:
     """Knothe-Rosenblatt transport of standard-normal `z` to GM samples (§2.10, axis-aligned).
 
@@ -453,37 +491,60 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     if gm.num_components > KR_UNROLL_MAX_COMPONENTS:  # see KR_UNROLL_MAX_COMPONENTS
         return _gaussian_to_gm_samples_newton(gm, z, rotation)
     gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z")
-    num_components, num_channels = gm.num_components, gm.num_channels
-    # Why per-(k, a) arrays of shape [B, 1, *P]: see `_bracketed_halley` (no short minor axes).
-    means_t = jnp.moveaxis(gm.means[:, None], (-2, -1), (0, 1))  # [K, C, B, 1, *P]
-    logweights_t = jnp.moveaxis(gm.logweights[:, None, ..., 0], -1, 0)  # [K, B, 1, *P]
-    v = rotation.reshape((rotation.shape[0],) + (1,) * (z.ndim - 2) + rotation.shape[1:])
-    means_rot = [
-        _rotate([means_t[k, i] for i in range(num_channels)], v, transpose=True)
-        for k in range(num_components)
-    ]  # means_rot[k][a] = (V^T mu_k)_a
-    logweights = [logweights_t[k] for k in range(num_components)]
-    std = jnp.exp(gm.logstds[:, None, ..., 0, 0])  # [B, 1, 1.., 1] with the rank of z without C
+    k_, c_ = gm.num_components, gm.num_channels
+    b, n = z.shape[:2]
+    p = math.prod(z.shape[2:-1])
+    # Layout: every per-point array is [B, n * P] (n = 1) or [B, n, P], the pixels flattened and
+    # minor; the GM fields have no sample axis ([B, P] or [B, 1, P]). Why: see `_bracketed_halley`
+    # (no short minor axes) and `_transposed`.
+    points = (b, p) if n == 1 else (b, n, p)
+    gm_points = (b, p) if n == 1 else (b, 1, p)
+    batch = (b,) + (1,) * (len(points) - 1)  # per-sample scalars broadcast over the points
+    # Rotated means (V^T mu_k)_a by a batched matmul (a separate, memory-bound XLA op), then
+    # transposed to [B, K * C, P]: row k * C + a holds the rotated means of component k, axis a.
+    means_rot = jnp.matmul(gm.means.reshape(b, p * k_, c_), rotation, precision=_HIGHEST)
+    means_t = _transposed(means_rot.reshape(b, p, k_ * c_), (0, 2, 1))
+    logweights_t = _transposed(gm.logweights.reshape(b, p, k_), (0, 2, 1))  # [B, K, P]
+    z_t = _transposed(z.reshape(b, n * p, c_), (0, 2, 1))  # [B, C, n * P]
+    logweights0 = tuple(
+        jnp.broadcast_to(logweights_t.reshape(b, k_, p)[:, k].reshape(gm_points), points)
+        for k in range(k_)
+    )
+    logstd = gm.logstds[..., 0, 0]  # [B or 1, *P or 1..]
+    if math.prod(logstd.shape[1:]) == 1:  # one std per sample: a scalar per row
+        std = jnp.broadcast_to(jnp.exp(logstd.reshape(-1)), (b,)).reshape(batch)
+    else:
+        std = jnp.exp(jnp.broadcast_to(logstd, (b,) + z.shape[2:-1])).reshape(gm_points)
     inv_std = 1.0 / std
-    u = jax.lax.erf(z / _SQRT2)
 
-    y_rot, sq_prev = [], None  # sq_prev[k] = sum_{j<a} ((y_j - mu_kj) / s)^2, [B, n, *P]
-    for a in range(num_channels):
-        means_a = [means_rot[k][a] for k in range(num_components)]
-        if sq_prev is None:  # l^(0) = l exactly
-            weights = [jnp.exp(lw) for lw in logweights]
-        else:  # softmax_k(l_k - sq_k / 2), max-shifted
-            logits = [lw - 0.5 * sq for lw, sq in zip(logweights, sq_prev, strict=True)]
-            shift = functools.reduce(jnp.maximum, logits)
-            shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-            total = functools.reduce(operator.add, [jnp.exp(lg - shift) for lg in logits])
-            weights = [jnp.exp(lg - shift) / total for lg in logits]
-        y_a = _bracketed_halley(means_a, weights, std, z[..., a], u[..., a], KR_SOLVER_STEPS)
-        y_rot.append(y_a)
-        if a + 1 < num_channels:
-            d2 = [((y_a - m) * inv_std) ** 2 for m in means_a]
-            sq_prev = d2 if sq_prev is None else [p + q for p, q in zip(sq_prev, d2, strict=True)]
-    x = jnp.stack(_rotate(y_rot, v, transpose=False), axis=-1)  # x = V y, [B, n, *P, C]
+    def kr_axis(slice_logweights, a):
+        """Solve rotated axis a; carry: the slice log-weights l^(a), K arrays of the point shape."""
+        means = jax.lax.dynamic_index_in_dim(means_t.reshape(b, k_, c_, p), a, 2, keepdims=False)
+        means_a = [means[:, k].reshape(gm_points) for k in range(k_)]  # (V^T mu_k)_a
+        z_a = jax.lax.dynamic_index_in_dim(z_t.reshape(b, c_, n * p), a, 1, keepdims=False)
+        z_a = z_a.reshape(points)
+        u_a = jax.lax.erf(z_a / _SQRT2)
+        weights = [jnp.exp(lw) for lw in slice_logweights]  # l^(0) = l exactly
+        y_a = _bracketed_halley(means_a, weights, std, z_a, u_a, KR_SOLVER_STEPS)
+        # l^(a+1) = logsoftmax_k(l^(a) - ((y_a - mu_ka) / s)^2 / 2), max-shifted. The normalizer
+        # is a reduction over a stacked K axis: XLA materializes a reduction once, whereas an
+        # unrolled max and sum would be recomputed by each of the K consumers.
+        logits = [
+            lw - 0.5 * ((y_a - m) * inv_std) ** 2
+            for lw, m in zip(slice_logweights, means_a, strict=True)
+        ]
+        stacked = jnp.stack(logits, axis=1)
+        shift = jnp.max(stacked, axis=1)
+        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+        total = jnp.sum(jnp.exp(stacked - jnp.expand_dims(shift, 1)), axis=1)
+        log_normalizer = shift + jnp.log(total)
+        return tuple(lg - log_normalizer for lg in logits), y_a
+
+    # One compiled axis for all C axes (compile time); the slice log-weights are the carry.
+    _, y_rot = jax.lax.scan(kr_axis, logweights0, jnp.arange(c_))  # [C, *points]
+    v = rotation.reshape(batch + rotation.shape[1:])
+    x = jnp.stack(_rotate([y_rot[a] for a in range(c_)], v, transpose=False), axis=-1)
+    x = x.reshape(z.shape)  # x = V y, [B, n, *P, C]
     if not has_sample_axis:
         x = x[:, 0]
     return jax.lax.stop_gradient(x.astype(out_dtype))
