@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from gmflow_jax.constants import ERFINV_EPS, NEWTON_MAX_STEP, NEWTON_PDF_EPS, NEWTON_STEPS
-from gmflow_jax.gm import GM, axis_sum, check_gm, to_compute_dtype
+from gmflow_jax.gm import GM, check_gm, to_compute_dtype
 
 Array = jax.Array
 
@@ -57,6 +57,19 @@ tests/unit/test_transport.py for the float64 brute-force check.
 KR_UNROLL_MAX_CHANNELS = 8
 """Rotations by V are unrolled into element-wise products up to this many channels (see
 `_rotate`); more channels use a batched matmul."""
+
+KR_BLOCK_BYTES = 1 << 23
+"""`gaussian_to_gm_samples` and `kr_rotation` visit the batch in blocks of samples of at most about
+this many bytes of working set (a `lax.map` over blocks; see `_sample_blocks`).
+
+Why: XLA:CPU allocates the temporaries of a jitted call in one buffer per call, and the allocator
+maps a buffer above 32 MB afresh on every call; the page faults of that memory cost ~20% of a call
+of `gaussian_to_gm_samples` at the latent shape (B = 128, 32 x 32 pixels, K = 8, C = 4: 37 MB of
+temporaries in one block, 19 MB in the four blocks of 8 MiB)."""
+
+KR_MAX_BLOCKS = 16
+"""At most this many blocks (more would multiply the per-operation overhead); a batch with no
+divisor that fits the budget is one block."""
 
 KR_UNROLL_MAX_COMPONENTS = 16
 """Largest K for which `gaussian_to_gm_samples` runs the bracketed solver on K separate arrays.
@@ -185,14 +198,16 @@ def gm1d_inverse_cdf(
 
 
 def _bracketed_halley(
-    means: list[Array], weights: list[Array], std: Array, z: Array, u: Array, n_steps: int
+    means: Array, weights: Array, std: Array, z: Array, u: Array, n_steps: int, axis: int
 ) -> Array:
-    """The solver of `gm1d_inverse_cdf_bracketed` on a GM given as K separate arrays.
+    """The solver of `gm1d_inverse_cdf_bracketed`; component k of the GM is index k of `axis`.
 
-    Why K separate arrays: on XLA:CPU a sum over a short minor K axis runs several times slower than
-    element-wise work (`gm.axis_sum`), and the K-fold blowup that keeps `axis_sum` from unrolling
-    cannot happen here because the loop carry is materialized every iteration. With the K terms as
-    separate operands every iteration is one vectorized pass over the points on every backend.
+    Why the K terms are unrolled (component k is a slice, summed element-wise): on XLA:CPU a sum
+    over a short minor K axis runs several times slower than element-wise work (`gm.axis_sum`), and
+    the K-fold blowup that keeps `axis_sum` from unrolling cannot happen here because the loop
+    carry is materialized every iteration. Every iteration is one vectorized pass over the points.
+    The slices are taken inside the loop body, so the stacked arrays enter the loop as they are
+    (slices taken outside it would be copied into K separate arrays first).
 
     Why the loop carries the sums at the current iterate (and not only the iterate): a loop body
     that starts from y and evaluates F, F' and F'' at it feeds the K `erf` terms to several
@@ -202,22 +217,28 @@ def _bracketed_halley(
     for F' and F'' (the K `exp` terms, accumulated as one complex number F' + i F'' so that each
     `exp` is computed once), plus a few cheap element-wise updates.
     """
+    num_components = means.shape[axis]
+
+    def components(x):
+        return [jax.lax.index_in_dim(x, k, axis, keepdims=False) for k in range(num_components)]
+
     inv_std = 1.0 / std
+    means_k, weights_k = components(means), components(weights)
     # Every component CDF is monotone, so F(min_k mu_k + s z) <= u = erf(z / sqrt 2) <=
     # F(max_k mu_k + s z): the root lies in this bracket. Components of weight 0 are left out.
     big = jnp.asarray(jnp.inf, z.dtype)
     lo = std * z + functools.reduce(
-        jnp.minimum, [jnp.where(w > 0, m, big) for m, w in zip(means, weights, strict=True)]
+        jnp.minimum, [jnp.where(w > 0, m, big) for m, w in zip(means_k, weights_k, strict=True)]
     )
     hi = std * z + functools.reduce(
-        jnp.maximum, [jnp.where(w > 0, m, -big) for m, w in zip(means, weights, strict=True)]
+        jnp.maximum, [jnp.where(w > 0, m, -big) for m, w in zip(means_k, weights_k, strict=True)]
     )
     # Start from the §2.9 moment-matched proxy, moved into the bracket.
     proxy_mean = functools.reduce(
-        operator.add, [w * m for m, w in zip(means, weights, strict=True)]
+        operator.add, [w * m for m, w in zip(means_k, weights_k, strict=True)]
     )
     proxy_var = functools.reduce(
-        operator.add, [w * (m - proxy_mean) ** 2 for m, w in zip(means, weights, strict=True)]
+        operator.add, [w * (m - proxy_mean) ** 2 for m, w in zip(means_k, weights_k, strict=True)]
     )
     y0 = jnp.clip(proxy_mean + jnp.sqrt(proxy_var + std * std) * z, lo, hi)
     pdf_scale = 2.0 * inv_std / math.sqrt(2.0 * math.pi)  # f' = 2 pdf = pdf_scale sum_k w_k e_k
@@ -225,13 +246,13 @@ def _bracketed_halley(
 
     def scaled_cdf(y):  # F(y) = sum_k w_k erf(d_k / sqrt 2)
         cdf = 0.0
-        for m, w in zip(means, weights, strict=True):
+        for m, w in zip(components(means), components(weights), strict=True):
             cdf = cdf + w * jax.lax.erf((y - m) * inv_std * (1.0 / _SQRT2))
         return cdf
 
     def dens_slope(y):  # sum_k w_k e_k + i sum_k w_k e_k d_k, e_k = exp(-d_k^2 / 2)
         acc = 0.0
-        for m, w in zip(means, weights, strict=True):
+        for m, w in zip(components(means), components(weights), strict=True):
             d = (y - m) * inv_std
             e = w * jnp.exp(-0.5 * d * d)
             acc = acc + jax.lax.complex(e, e * d)
@@ -302,16 +323,34 @@ def gm1d_inverse_cdf_bracketed(
     _check_1d(means, logweights, logstd, z, "z")
     shape = jnp.broadcast_shapes(means.shape[:-1], logweights.shape[:-1], logstd.shape, z.shape)
     z = jnp.broadcast_to(z, shape)
-    k_means = [means[..., k] for k in range(means.shape[-1])]
     weights = jnp.broadcast_to(jnp.exp(logweights), logweights.shape[:-1] + means.shape[-1:])
-    k_weights = [weights[..., k] for k in range(means.shape[-1])]
     u = jax.lax.erf(z / _SQRT2)
-    return _bracketed_halley(k_means, k_weights, jnp.exp(logstd), z, u, n_steps)
+    return _bracketed_halley(means, weights, jnp.exp(logstd), z, u, n_steps, axis=-1)
 
 
 # --------------------------------------------------------------------------------------------------
 # §2.10  Knothe-Rosenblatt transport
 # --------------------------------------------------------------------------------------------------
+
+
+def _sample_blocks(batch: int, sample_bytes: int) -> int:
+    """Number of blocks of samples for `KR_BLOCK_BYTES` (a divisor of `batch`, 1 if none fits)."""
+    fits = (
+        d
+        for d in range(1, KR_MAX_BLOCKS + 1)
+        if batch % d == 0 and batch // d * sample_bytes <= KR_BLOCK_BYTES
+    )
+    return next(fits, 1)
+
+
+def _map_blocks(fn, blocks: int, *fields: Array) -> Array:
+    """`fn(*fields)` for fields with a leading batch axis, one block of samples at a time."""
+    if blocks == 1:
+        return fn(*fields)
+    batch = fields[0].shape[0]
+    split = tuple(f.reshape((blocks, batch // blocks) + f.shape[1:]) for f in fields)
+    out = jax.lax.map(lambda f: fn(*f), split)
+    return out.reshape((batch,) + out.shape[2:])
 
 
 def kr_rotation(gm: GM) -> Array:
@@ -326,17 +365,28 @@ def kr_rotation(gm: GM) -> Array:
         raise ValueError(f"gm.means must have shape [B, ..., K, C], got {gm.means.shape}")
     gm = jax.tree_util.tree_map(jax.lax.stop_gradient, gm.astype_compute())
     b, c = gm.means.shape[0], gm.num_channels
-    # exp on [..., K] rather than [..., K, 1]: XLA:CPU runs transcendentals ~5x slower on arrays
-    # whose minor dimension is 1.
-    w = jnp.exp(gm.logweights[..., 0])[..., None]
-    centered = gm.means - axis_sum(w * gm.means, -2, keepdims=True)  # two-pass, as §2.3
-    # The pixel mean of the per-pixel §2.3 covariances is one contraction over (pixels, K): a single
-    # [C, P K] x [P K, C] matmul per sample instead of P tiny [C, K] x [K, C] ones. Both operands
-    # are sqrt(w) (mu - m): one array instead of two (w (mu - m) and mu - m) halves the memory of
-    # this step, and above 32 MB the temporaries of a jitted call are mapped afresh (page faults)
-    # on every call.
-    scaled = (jnp.sqrt(w) * centered).reshape(b, -1, c)
-    spread = jnp.einsum("bnc,bnd->bcd", scaled, scaled, precision=_HIGHEST)
+
+    def spread_of(means, logweights):
+        """sum over pixels and K of w (mu - m)(mu - m)^T for a block of samples, [rows, C, C]."""
+        # exp on [..., K] rather than [..., K, 1]: XLA:CPU runs transcendentals ~5x slower on
+        # arrays whose minor dimension is 1.
+        w = jnp.exp(logweights[..., 0])[..., None]
+        # Two-pass, as §2.3. The K-term mean is unrolled (not `axis_sum`'s dot, for which XLA:CPU
+        # first copies w * mu into a K-minor layout); XLA recomputes it for every component, which
+        # costs less here than that copy.
+        mean = functools.reduce(
+            operator.add, [w[..., k, :] * means[..., k, :] for k in range(means.shape[-2])]
+        )
+        # The pixel mean of the per-pixel §2.3 covariances is one contraction over (pixels, K): a
+        # single [C, P K] x [P K, C] matmul per sample instead of P tiny [C, K] x [K, C] ones, with
+        # sqrt(w) (mu - m) as both operands (one array instead of two).
+        scaled = (jnp.sqrt(w) * (means - mean[..., None, :])).reshape(means.shape[0], -1, c)
+        return jnp.einsum("bnc,bnd->bcd", scaled, scaled, precision=_HIGHEST)
+
+    # In blocks of samples: see KR_BLOCK_BYTES.
+    sample_bytes = 4 * math.prod(gm.means.shape[1:])
+    blocks = _sample_blocks(b, 2 * sample_bytes)  # the means and sqrt(w) (mu - m)
+    spread = _map_blocks(spread_of, blocks, gm.means, gm.logweights)
     pixels = gm.means.shape[1:-2]
     var = jnp.broadcast_to(jnp.exp(2.0 * gm.logstds)[..., 0, 0], (b,) + pixels)
     var = jnp.mean(var.reshape(b, -1), axis=-1)
@@ -345,10 +395,13 @@ def kr_rotation(gm: GM) -> Array:
     return jax.lax.stop_gradient(eigvecs[..., ::-1])
 
 
-def _validate_kr(gm: GM, points: Array, rotation: Array | None, name: str):
+def _validate_kr(
+    gm: GM, points: Array, rotation: Array | None, name: str, default_rotation: bool = True
+):
     """Validate and promote the inputs of both KR directions; add a sample axis to `points`.
 
-    Returns `(gm, points [B, n, *P, C], rotation [B, C, C], has_sample_axis)`.
+    Returns `(gm, points [B, n, *P, C], rotation [B, C, C], has_sample_axis)`; `rotation` stays None
+    when it is not given and `default_rotation` is False (the caller computes it).
     """
     check_gm(gm)
     means_shape = gm.means.shape
@@ -373,6 +426,8 @@ def _validate_kr(gm: GM, points: Array, rotation: Array | None, name: str):
     if not has_sample_axis:
         points = points[:, None]
     if rotation is None:
+        if not default_rotation:
+            return gm.astype_compute(), points, None, has_sample_axis
         rotation = kr_rotation(gm)
     rotation = jax.lax.stop_gradient(to_compute_dtype(rotation))
     if rotation.shape != (means_shape[0], num_channels, num_channels):
@@ -490,64 +545,75 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     z = jax.lax.stop_gradient(z)
     if gm.num_components > KR_UNROLL_MAX_COMPONENTS:  # see KR_UNROLL_MAX_COMPONENTS
         return _gaussian_to_gm_samples_newton(gm, z, rotation)
-    gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z")
+    gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z", default_rotation=False)
+    b, n = z.shape[:2]
+    p = math.prod(z.shape[2:-1])
+    k_ = gm.num_components
+    # In blocks of samples (see KR_BLOCK_BYTES): the transposed means, and per point and component
+    # the slice log-weights, weights, terms of the logsumexp and the transposed log-weights.
+    blocks = _sample_blocks(b, 4 * (p * k_ * gm.num_channels + 4 * n * p * k_))
+    logstds = jnp.broadcast_to(gm.logstds, (b,) + gm.logstds.shape[1:])
+    fields = (gm.means, gm.logweights, logstds, z) + (() if rotation is None else (rotation,))
+    x = _map_blocks(lambda *f: _kr_map(GM(*f[:3]), *f[3:]), blocks, *fields)
+    if not has_sample_axis:
+        x = x[:, 0]
+    return jax.lax.stop_gradient(x.astype(out_dtype))
+
+
+def _kr_map(gm: GM, z: Array, rotation: Array | None = None) -> Array:
+    """`gaussian_to_gm_samples` on validated inputs: z `[B, n, *P, C]` -> x of that shape."""
+    if rotation is None:
+        rotation = kr_rotation(gm)
     k_, c_ = gm.num_components, gm.num_channels
     b, n = z.shape[:2]
     p = math.prod(z.shape[2:-1])
-    # Layout: every per-point array is [B, n * P] (n = 1) or [B, n, P], the pixels flattened and
-    # minor; the GM fields have no sample axis ([B, P] or [B, 1, P]). Why: see `_bracketed_halley`
-    # (no short minor axes) and `_transposed`.
+    # Layout: the pixels are flattened and minor, the components stacked before them. A per-point
+    # array is [B, n * P] (n = 1) or [B, n, P], a per-point per-component one [B, K, n * P] or
+    # [B, K, n, P]; the GM fields have no sample axis ([B, K, P] or [B, K, 1, P]). Why: see
+    # `_bracketed_halley` (no short minor axes) and `_transposed`.
     points = (b, p) if n == 1 else (b, n, p)
-    gm_points = (b, p) if n == 1 else (b, 1, p)
+    gm_points = (b, k_, p) if n == 1 else (b, k_, 1, p)
     batch = (b,) + (1,) * (len(points) - 1)  # per-sample scalars broadcast over the points
-    # Rotated means (V^T mu_k)_a by a batched matmul (a separate, memory-bound XLA op), then
-    # transposed to [B, K * C, P]: row k * C + a holds the rotated means of component k, axis a.
-    means_rot = jnp.matmul(gm.means.reshape(b, p * k_, c_), rotation, precision=_HIGHEST)
-    means_t = _transposed(means_rot.reshape(b, p, k_ * c_), (0, 2, 1))
+    means_t = _transposed(gm.means.reshape(b, p, k_ * c_), (0, 2, 1))  # [B, K * C, P]
     logweights_t = _transposed(gm.logweights.reshape(b, p, k_), (0, 2, 1))  # [B, K, P]
     z_t = _transposed(z.reshape(b, n * p, c_), (0, 2, 1))  # [B, C, n * P]
-    logweights0 = tuple(
-        jnp.broadcast_to(logweights_t.reshape(b, k_, p)[:, k].reshape(gm_points), points)
-        for k in range(k_)
-    )
     logstd = gm.logstds[..., 0, 0]  # [B or 1, *P or 1..]
     if math.prod(logstd.shape[1:]) == 1:  # one std per sample: a scalar per row
         std = jnp.broadcast_to(jnp.exp(logstd.reshape(-1)), (b,)).reshape(batch)
     else:
-        std = jnp.exp(jnp.broadcast_to(logstd, (b,) + z.shape[2:-1])).reshape(gm_points)
-    inv_std = 1.0 / std
+        std = jnp.exp(jnp.broadcast_to(logstd, (b,) + z.shape[2:-1])).reshape(
+            gm_points[:1] + gm_points[2:]
+        )
+    inv_std = jnp.expand_dims(1.0 / std, 1)  # broadcasts against [B, K, ...]
+    rotation_t = jnp.transpose(rotation, (2, 1, 0))  # [a, i, B] = V[B, i, a]
 
     def kr_axis(slice_logweights, a):
-        """Solve rotated axis a; carry: the slice log-weights l^(a), K arrays of the point shape."""
-        means = jax.lax.dynamic_index_in_dim(means_t.reshape(b, k_, c_, p), a, 2, keepdims=False)
-        means_a = [means[:, k].reshape(gm_points) for k in range(k_)]  # (V^T mu_k)_a
+        """Solve rotated axis a; carry: the slice log-weights l^(a), [B, K, *points]."""
+        means = means_t.reshape(b, k_, c_, p)
+        v_a = jax.lax.dynamic_index_in_dim(rotation_t, a, 0, keepdims=False)  # [C, B]
+        means_a = functools.reduce(  # (V^T mu_k)_a, [B, K, P]
+            operator.add, [means[:, :, i] * v_a[i][:, None, None] for i in range(c_)]
+        ).reshape(gm_points)
         z_a = jax.lax.dynamic_index_in_dim(z_t.reshape(b, c_, n * p), a, 1, keepdims=False)
         z_a = z_a.reshape(points)
         u_a = jax.lax.erf(z_a / _SQRT2)
-        weights = [jnp.exp(lw) for lw in slice_logweights]  # l^(0) = l exactly
-        y_a = _bracketed_halley(means_a, weights, std, z_a, u_a, KR_SOLVER_STEPS)
-        # l^(a+1) = logsoftmax_k(l^(a) - ((y_a - mu_ka) / s)^2 / 2), max-shifted. The normalizer
-        # is a reduction over a stacked K axis: XLA materializes a reduction once, whereas an
-        # unrolled max and sum would be recomputed by each of the K consumers.
-        logits = [
-            lw - 0.5 * ((y_a - m) * inv_std) ** 2
-            for lw, m in zip(slice_logweights, means_a, strict=True)
-        ]
-        stacked = jnp.stack(logits, axis=1)
-        shift = jnp.max(stacked, axis=1)
+        weights = jnp.exp(slice_logweights)  # l^(0) = l exactly
+        y_a = _bracketed_halley(means_a, weights, std, z_a, u_a, KR_SOLVER_STEPS, axis=1)
+        # l^(a+1) = logsoftmax_k(l^(a) - ((y_a - mu_ka) / s)^2 / 2), max-shifted; the normalizer
+        # is a reduction over K, which XLA computes once (an unrolled max and sum over K would be
+        # recomputed for every component).
+        logits = slice_logweights - 0.5 * ((jnp.expand_dims(y_a, 1) - means_a) * inv_std) ** 2
+        shift = jnp.max(logits, axis=1, keepdims=True)
         shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        total = jnp.sum(jnp.exp(stacked - jnp.expand_dims(shift, 1)), axis=1)
-        log_normalizer = shift + jnp.log(total)
-        return tuple(lg - log_normalizer for lg in logits), y_a
+        total = jnp.sum(jnp.exp(logits - shift), axis=1, keepdims=True)
+        return logits - (shift + jnp.log(total)), y_a
 
     # One compiled axis for all C axes (compile time); the slice log-weights are the carry.
+    logweights0 = jnp.broadcast_to(logweights_t.reshape(gm_points), (b, k_) + points[1:])
     _, y_rot = jax.lax.scan(kr_axis, logweights0, jnp.arange(c_))  # [C, *points]
     v = rotation.reshape(batch + rotation.shape[1:])
     x = jnp.stack(_rotate([y_rot[a] for a in range(c_)], v, transpose=False), axis=-1)
-    x = x.reshape(z.shape)  # x = V y, [B, n, *P, C]
-    if not has_sample_axis:
-        x = x[:, 0]
-    return jax.lax.stop_gradient(x.astype(out_dtype))
+    return x.reshape(z.shape)  # x = V y, [B, n, *P, C]
 
 
 def gm_samples_to_gaussian(gm: GM, x: Array, rotation: Array | None = None) -> Array:

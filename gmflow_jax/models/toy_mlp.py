@@ -175,9 +175,16 @@ class ToyMLP(nnx.Module):
         if self.mean_only:
             return self.out_u(h).astype(jnp.float32).reshape(batch, 1, 1, 2)
         k = self.num_gaussians
-        means = self.out_means(h).reshape(batch, 1, 1, k, 2)
-        logweights = jax.nn.log_softmax(self.out_logweights(h), axis=-1).reshape(batch, 1, 1, k, 1)
-        logstds = self.out_logstds(h).reshape(batch, 1, 1, 1, 1)
+        # One projection for the three heads (the parameters stay three Linears): one [B, 3K + 1]
+        # matmul and one input gradient instead of three, the log-std head's a GEMV of width 1
+        # (the K=64 train step's head forward + backward: 35 -> 31 ms of CPU at batch 4096).
+        heads = (self.out_means, self.out_logweights, self.out_logstds)
+        kernel = jnp.concatenate([head.kernel[...] for head in heads], axis=1)
+        bias = jnp.concatenate([head.bias[...] for head in heads])
+        out = h @ kernel + bias
+        means = out[:, : 2 * k].reshape(batch, 1, 1, k, 2)
+        logweights = jax.nn.log_softmax(out[:, 2 * k : 3 * k], axis=-1).reshape(batch, 1, 1, k, 1)
+        logstds = out[:, 3 * k :].reshape(batch, 1, 1, 1, 1)
         return GM(
             means.astype(jnp.float32), logweights.astype(jnp.float32), logstds.astype(jnp.float32)
         )
