@@ -13,7 +13,8 @@ then prints:
    at batch 4096 through the mesh loop (`train.step.jit_train_step` fed by the task's batches) as a
    fraction of that peak (analytic MLP FLOPs: 3x the forward), next to the old plain `jax.jit` of the
    same step timed in alternating blocks, the K=64 / K=1 step ratio and the share of the K=64 step in
-   the GM loss (its forward + backward alone, minus the L2 loss's), sampling points/s per solver
+   the GM head and loss (each one's forward + backward alone, minus the mean head's and the L2
+   loss's), sampling points/s per solver
    at NFE 8, and the share of sampling time spent outside the network forward (the solver math).
 
 Timings need an idle machine: JAX drops to about one core under load from another process.
@@ -183,6 +184,26 @@ def gm_loss_ms(batch_size: int, num_gaussians: int, runs: int) -> dict:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def head_ms(config, batch_size: int, runs: int) -> float:
+    """Forward + backward ms of the model's output head alone (`ToyMLP.head`) on fixed features.
+
+    The gradient is taken with respect to the head's parameters and its input features (what the
+    train step's backward computes there); for the GM model the head includes the log-softmax of
+    the log-weights.
+    """
+    model = build_model(config.model, run_keys(config.seed)["init"])
+    graphdef, params = nnx.split(model)
+    h = jax.random.normal(jax.random.PRNGKey(5), (batch_size, config.model.hidden_dim))
+
+    def loss(p, feats):
+        out = nnx.merge(graphdef, p).head(feats)
+        leaves = jax.tree.leaves(out)
+        return sum(jnp.sum(jnp.sin(leaf)) for leaf in leaves)
+
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    return 1e3 * statistics.median(_median_time(lambda: fn(params, h), 5) for _ in range(runs))
+
+
 def sampling_speed(config, ema_params, graphdef, num_points: int, runs: int) -> list[dict]:
     """Points/s per solver at NFE 8 and the share of time outside the network forward."""
     denoiser, _ = network_functions(nnx.merge(graphdef, ema_params))
@@ -311,10 +332,16 @@ def main() -> None:
             f"(mesh / plain = {speed['ratio']:.3f})"
         )
     loss = gm_loss_ms(4096, cb_config.get_config("full").model.num_gaussians, args.runs)
+    heads = {
+        v: head_ms(cb_config.get_config(v), 4096, args.runs) for v in ("full", "full_baseline")
+    }
+    gm_part = heads["full"] - heads["full_baseline"] + loss["gm"] - loss["l2"]
     print(
-        f"K=64 step / K=1 step = {steps['full'] / steps['full_baseline']:.3f} (target <= 1.10); "
-        f"GM loss fwd+bwd alone {loss['gm']:.2f} ms vs L2 {loss['l2']:.2f} ms: the GM head's loss is "
-        f"{100 * (loss['gm'] - loss['l2']) / steps['full']:.1f}% of the K=64 step"
+        f"K=64 step / K=1 step = {steps['full'] / steps['full_baseline']:.3f} (target <= 1.10)\n"
+        f"GM head fwd+bwd alone {heads['full']:.2f} ms vs mean head {heads['full_baseline']:.2f} "
+        f"ms; GM loss fwd+bwd alone {loss['gm']:.2f} ms vs L2 {loss['l2']:.2f} ms: the GM head "
+        f"and loss (beyond the baseline's) are {gm_part:.1f} ms = "
+        f"{100 * gm_part / steps['full']:.1f}% of the K=64 step"
     )
     for variant in ("", "baseline"):
         cfg = cb_config.get_config(variant)

@@ -170,7 +170,10 @@ class ToyMLP(nnx.Module):
 
         With `mean_only` the u mean `[B, 1, 1, 2]` instead. `labels` as in `features`.
         """
-        h = self.features(x_t, t, labels)
+        return self.head(self.features(x_t, t, labels))
+
+    def head(self, h: Array) -> GM | Array:
+        """The output head on trunk features `h` `[B, hidden]`: the GM over u (or the u mean)."""
         batch = h.shape[0]
         if self.mean_only:
             return self.out_u(h).astype(jnp.float32).reshape(batch, 1, 1, 2)

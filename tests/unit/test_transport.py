@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -354,6 +355,73 @@ def test_gaussian_to_gm_matches_float64_brute_force_kr_and_the_16_step_newton_ma
         assert np.quantile(err, 0.99) < 2e-5 and np.max(err) < 1e-2
     err = np.max(np.abs(fast - newton), axis=-1)
     assert np.quantile(err, 0.99) < 2e-5 and np.max(err) < 1e-2
+
+
+def _latent_like_np_gm(seed: int, b: int, h: int, w: int, k: int = 8, c: int = 4):
+    """A GM like the benchmark's latent GMs: unit-normal means, random weights, s in [0.37, 1]."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(b, h, w, k, c))
+    logits = rng.normal(size=(b, h, w, k, 1))
+    logweights = logits - np.log(np.sum(np.exp(logits), axis=-2, keepdims=True))
+    logstds = rng.uniform(-1.0, 0.0, size=(b, 1, 1, 1, 1))
+    return means, logweights, logstds
+
+
+def test_gaussian_to_gm_with_per_pixel_stds_matches_float64_brute_force_kr():
+    """logstds [B, H, W, 1, 1] (one std per pixel, which `check_gm` allows) against the oracle."""
+    rng = np.random.default_rng(8)
+    means, logweights, _ = _latent_like_np_gm(8, 2, 3, 3)
+    logstds = rng.uniform(-1.0, 0.0, size=(2, 3, 3, 1, 1))
+    z = rng.normal(size=(2, 10, 3, 3, 4))
+    gm = to_jax_gm((means, logweights, logstds), jnp.float32)
+    v = kr_rotation(gm)
+    ref = np_kr_bisection(means, logweights, logstds, np.asarray(v, np.float64), z)
+    got = np.asarray(to_gm(gm, jnp.asarray(z, jnp.float32), v), np.float64)
+    err = np.max(np.abs(got - ref), axis=-1)
+    assert np.quantile(err, 0.99) < 2e-5 and np.max(err) < 1e-2
+    # The oracle has power: one shared std (the pixel mean) gives other samples.
+    shared = np.broadcast_to(
+        np.log(np.exp(logstds).mean(axis=(1, 2), keepdims=True)), (2, 1, 1, 1, 1)
+    )
+    ref_shared = np_kr_bisection(means, logweights, shared, np.asarray(v, np.float64), z)
+    assert np.max(np.abs(ref_shared - ref)) > 1e-2
+
+
+def test_gaussian_to_gm_in_sample_blocks_matches_one_block_and_float64_brute_force_kr(monkeypatch):
+    """The batch visited in blocks (`KR_BLOCK_BYTES`) gives the samples and V of one block."""
+    means, logweights, logstds = _latent_like_np_gm(9, 4, 3, 3)
+    z = np.random.default_rng(9).normal(size=(4, 3, 3, 4))
+    gm = to_jax_gm((means, logweights, logstds), jnp.float32)
+    z32 = jnp.asarray(z, jnp.float32)
+    one_block = np.asarray(jax.jit(T.gaussian_to_gm_samples)(gm, z32), np.float64)
+    v_one_block = np.asarray(jax.jit(T.kr_rotation)(gm))
+    # Room for two of the four samples: 2 blocks in both functions (per-sample bytes as counted
+    # there for P = 9 pixels, K = 8, C = 4, n = 1).
+    monkeypatch.setattr(T, "KR_BLOCK_BYTES", 2 * 4 * (9 * 32 + 4 * 9 * 8))
+    assert T._sample_blocks(4, 4 * (9 * 32 + 4 * 9 * 8)) == 2
+    assert T._sample_blocks(4, 2 * 4 * 9 * 32) == 2
+    blocks = np.asarray(jax.jit(T.gaussian_to_gm_samples)(gm, z32), np.float64)
+    v_blocks = np.asarray(jax.jit(T.kr_rotation)(gm))
+    np.testing.assert_allclose(v_blocks, v_one_block, atol=1e-6)
+    err = np.max(np.abs(blocks - one_block), axis=-1)
+    assert np.quantile(err, 0.99) < 1e-5 and np.max(err) < 1e-3
+    ref = np_kr_bisection(means, logweights, logstds, v_blocks.astype(np.float64), z[:, None])
+    err = np.max(np.abs(blocks - ref[:, 0]), axis=-1)
+    assert np.quantile(err, 0.99) < 2e-5 and np.max(err) < 1e-2
+
+
+def test_gaussian_to_gm_traces_once_per_shape():
+    means, logweights, logstds = _latent_like_np_gm(10, 2, 2, 2)
+    gm = to_jax_gm((means, logweights, logstds), jnp.float32)
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def run(gm, z):
+        return T.gaussian_to_gm_samples(gm, z)
+
+    for i in range(3):
+        z = jax.random.normal(jax.random.PRNGKey(i), (2, 2, 2, 4))
+        jax.block_until_ready(run(gm, z))
 
 
 def _kr_with_newton(gm, z, v):
