@@ -58,14 +58,15 @@ KR_UNROLL_MAX_CHANNELS = 8
 """Rotations by V are unrolled into element-wise products up to this many channels (see
 `_rotate`); more channels use a batched matmul."""
 
-KR_BLOCK_BYTES = 1 << 23
+KR_BLOCK_BYTES = 1 << 22
 """`gaussian_to_gm_samples` and `kr_rotation` visit the batch in blocks of samples of at most about
 this many bytes of working set (a `lax.map` over blocks; see `_sample_blocks`).
 
 Why: XLA:CPU allocates the temporaries of a jitted call in one buffer per call, and the allocator
-maps a buffer above 32 MB afresh on every call; the page faults of that memory cost ~20% of a call
-of `gaussian_to_gm_samples` at the latent shape (B = 128, 32 x 32 pixels, K = 8, C = 4: 37 MB of
-temporaries in one block, 19 MB in the four blocks of 8 MiB)."""
+maps a buffer above 32 MB afresh on every call; the page faults of that memory cost ~15-20% of a
+call of `gaussian_to_gm_samples` at the latent shape (B = 128, 32 x 32 pixels, K = 8, C = 4: 48 MB
+of temporaries in one block, 13 MB in the eight blocks of 4 MiB, which measured fastest of 1, 2, 4
+and 8 blocks)."""
 
 KR_MAX_BLOCKS = 16
 """At most this many blocks (more would multiply the per-operation overhead); a batch with no
@@ -368,9 +369,10 @@ def kr_rotation(gm: GM) -> Array:
 
     def spread_of(means, logweights):
         """sum over pixels and K of w (mu - m)(mu - m)^T for a block of samples, [rows, C, C]."""
-        # exp on [..., K] rather than [..., K, 1]: XLA:CPU runs transcendentals ~5x slower on
-        # arrays whose minor dimension is 1.
-        w = jnp.exp(logweights[..., 0])[..., None]
+        # exp and sqrt on [..., K] rather than [..., K, 1]: XLA:CPU runs transcendentals ~5x
+        # slower on arrays whose minor dimension is 1.
+        w_k = jnp.exp(logweights[..., 0])
+        w, root_w = w_k[..., None], jnp.sqrt(w_k)[..., None]
         # Two-pass, as §2.3. The K-term mean is unrolled (not `axis_sum`'s dot, for which XLA:CPU
         # first copies w * mu into a K-minor layout); XLA recomputes it for every component, which
         # costs less here than that copy.
@@ -380,7 +382,7 @@ def kr_rotation(gm: GM) -> Array:
         # The pixel mean of the per-pixel §2.3 covariances is one contraction over (pixels, K): a
         # single [C, P K] x [P K, C] matmul per sample instead of P tiny [C, K] x [K, C] ones, with
         # sqrt(w) (mu - m) as both operands (one array instead of two).
-        scaled = (jnp.sqrt(w) * (means - mean[..., None, :])).reshape(means.shape[0], -1, c)
+        scaled = (root_w * (means - mean[..., None, :])).reshape(means.shape[0], -1, c)
         return jnp.einsum("bnc,bnd->bcd", scaled, scaled, precision=_HIGHEST)
 
     # In blocks of samples: see KR_BLOCK_BYTES.
@@ -533,7 +535,8 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     `KR_UNROLL_MAX_COMPONENTS` components it is the reference's Newton map (compile time).
 
     Args:
-      gm: GM with means `[B, *P, K, C]` and per-sample logstds `[B, 1, ..., 1]`.
+      gm: GM with means `[B, *P, K, C]` and per-sample logstds `[B, 1, ..., 1]` (per-pixel
+        `[B, *P, 1, 1]` also work).
       z: standard-normal drivers `[B, *P, C]`, or `[B, n, *P, C]` for n samples per pixel.
       rotation: optional V `[B, C, C]` (default `kr_rotation(gm)`), e.g. to reuse one V both ways.
 
@@ -545,6 +548,7 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     z = jax.lax.stop_gradient(z)
     if gm.num_components > KR_UNROLL_MAX_COMPONENTS:  # see KR_UNROLL_MAX_COMPONENTS
         return _gaussian_to_gm_samples_newton(gm, z, rotation)
+    # The default V is computed per block of samples, in `_kr_map`.
     gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z", default_rotation=False)
     b, n = z.shape[:2]
     p = math.prod(z.shape[2:-1])
