@@ -12,10 +12,10 @@ then prints:
 2. speed, measured in this run: the fp32 matmul peak (4096^2 `jnp.dot`), the K=64 and K=1 train steps
    at batch 4096 through the mesh loop (`train.step.jit_train_step` fed by the task's batches) as a
    fraction of that peak (analytic MLP FLOPs: 3x the forward), next to the old plain `jax.jit` of the
-   same step timed in alternating blocks, the K=64 / K=1 step ratio and the share of the K=64 step in
-   the GM head and loss (each one's forward + backward alone, minus the mean head's and the L2
-   loss's), sampling points/s per solver
-   at NFE 8, and the share of sampling time spent outside the network forward (the solver math).
+   same step (all four steps timed in alternating blocks), the K=64 / K=1 step ratio and the share
+   of the K=64 step in the GM head and loss (each one's forward + backward alone, minus the mean
+   head's and the L2 loss's), sampling points/s per solver at NFE 8, and the share of sampling
+   time spent outside the network forward (the solver math).
 
 Timings need an idle machine: JAX drops to about one core under load from another process.
 """
@@ -127,28 +127,37 @@ def _step_paths(config, batch_size: int):
     return old, new
 
 
-def loop_step_speed(config, batch_size: int, runs: int, steps: int = 10) -> dict:
-    """Median per-step time of the old plain step and the mesh loop's step, timed in alternating
-    blocks of `steps` steps (the same machine state for both)."""
-    old, new = _step_paths(config, batch_size)
-    times = {"old": [], "new": []}
-    for fn in (old, new):
+def loop_step_speeds(configs: dict, batch_size: int, runs: int, steps: int = 10) -> dict:
+    """Per config: median per-step time of the old plain step and of the mesh loop's step.
+
+    Every runner (old and new, for every config) is timed in blocks of `steps` steps, the blocks
+    alternating over all runners round by round, so that the K=64 / K=1 ratio compares steps
+    that saw the same machine state (a shared machine's speed drifts by several percent between
+    consecutive minutes).
+    """
+    runners = {}
+    for name, config in configs.items():
+        runners[name, "old"], runners[name, "new"] = _step_paths(config, batch_size)
+    times = {key: [] for key in runners}
+    for fn in runners.values():
         jax.block_until_ready(fn())  # compile
     for _ in range(runs):
-        for name, fn in (("old", old), ("new", new)):
+        for key, fn in runners.items():
             t0 = time.perf_counter()
             for _ in range(steps):
                 out = fn()
             jax.block_until_ready(out)
-            times[name].append((time.perf_counter() - t0) / steps)
-    flops = 3 * mlp_forward_flops(config) * batch_size
-    old_s, new_s = statistics.median(times["old"]), statistics.median(times["new"])
-    return {
-        "old_ms": 1e3 * old_s,
-        "step_ms": 1e3 * new_s,
-        "ratio": new_s / old_s,
-        "gflops": flops / new_s / 1e9,
-    }
+            times[key].append((time.perf_counter() - t0) / steps)
+    result = {}
+    for name, config in configs.items():
+        old_s, new_s = statistics.median(times[name, "old"]), statistics.median(times[name, "new"])
+        result[name] = {
+            "old_ms": 1e3 * old_s,
+            "step_ms": 1e3 * new_s,
+            "ratio": new_s / old_s,
+            "gflops": 3 * mlp_forward_flops(config) * batch_size / new_s / 1e9,
+        }
+    return result
 
 
 def gm_loss_ms(batch_size: int, num_gaussians: int, runs: int) -> dict:
@@ -321,9 +330,10 @@ def main() -> None:
     peak = matmul_peak_gflops(runs=args.runs)
     print(f"fp32 matmul peak (4096^2 jnp.dot): {peak:.1f} GFLOP/s")
     steps = {}
-    for variant in ("full", "full_baseline"):
-        cfg = cb_config.get_config(variant)
-        speed = loop_step_speed(cfg, 4096, args.runs)
+    configs = {v: cb_config.get_config(v) for v in ("full", "full_baseline")}
+    speeds = loop_step_speeds(configs, 4096, args.runs)
+    for variant, cfg in configs.items():
+        speed = speeds[variant]
         steps[variant] = speed["step_ms"]
         print(
             f"train step, batch 4096, {'baseline K=1' if cfg.model.mean_only else 'GMFlow K=64'}: "

@@ -58,15 +58,16 @@ KR_UNROLL_MAX_CHANNELS = 8
 """Rotations by V are unrolled into element-wise products up to this many channels (see
 `_rotate`); more channels use a batched matmul."""
 
-KR_BLOCK_BYTES = 1 << 22
+KR_BLOCK_BYTES = 1 << 23
 """`gaussian_to_gm_samples` and `kr_rotation` visit the batch in blocks of samples of at most about
 this many bytes of working set (a `lax.map` over blocks; see `_sample_blocks`).
 
 Why: XLA:CPU allocates the temporaries of a jitted call in one buffer per call, and the allocator
 maps a buffer above 32 MB afresh on every call; the page faults of that memory cost ~15-20% of a
 call of `gaussian_to_gm_samples` at the latent shape (B = 128, 32 x 32 pixels, K = 8, C = 4: 48 MB
-of temporaries in one block, 13 MB in the eight blocks of 4 MiB, which measured fastest of 1, 2, 4
-and 8 blocks)."""
+of temporaries in one block). Four blocks of 8 MiB measured fastest there on the 2-core CPU
+(`benchmarks/transport.py`, idle machine: 49.5-54.4 ms per call, against 56-66 ms in eight blocks
+of 4 MiB and 62-65 ms in fewer, larger ones)."""
 
 KR_MAX_BLOCKS = 16
 """At most this many blocks (more would multiply the per-operation overhead); a batch with no
