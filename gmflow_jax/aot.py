@@ -46,7 +46,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from gmflow_jax import solvers
+from gmflow_jax import gm, solvers
 from gmflow_jax.models.builder import build_model
 from gmflow_jax.models.denoiser import network_functions
 from gmflow_jax.parallel.mesh import MeshConfig, batch_split, make_mesh, mesh_shape
@@ -254,6 +254,16 @@ def _latent_shape(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     return (int(m.sample_size), int(m.sample_size), int(m.in_channels))
 
 
+def _forms_of(mesh: Any):
+    """Trace with the GM math's forms for the platform compiled for, not the host's.
+
+    Why: `gm.cpu_reformulations()` asks the default backend, which is the CPU on the host that
+    compiles a TPU topology here; the TPU program must get the native reductions it would get on a
+    TPU host.
+    """
+    return gm.forced_forms(mesh.devices.flat[0].platform == "cpu")
+
+
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Any) -> ProgramReport:
     """Compile the run's train step on `mesh` for abstract state and batch; its report."""
     batch_size = int(config.train.batch_size)
@@ -285,7 +295,9 @@ def compile_train_step(config: ml_collections.ConfigDict, mesh: Any) -> ProgramR
         shardings,
         act_rules,
     )
-    compiled = step.lower(state, batch).compile()
+    with _forms_of(mesh):
+        lowered = step.lower(state, batch)
+    compiled = lowered.compile()
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return report_of(
         "train_step",
@@ -334,9 +346,10 @@ def compile_sampler(
         labels = jax.ShapeDtypeStruct((size,), np.int32, sharding=bsh)
     key = jax.ShapeDtypeStruct((2,), np.uint32, sharding=rep)
     scale = jax.ShapeDtypeStruct((), np.float32, sharding=rep) if cfg.guided else None
-    lowered = driver.lower_chunk(
-        denoiser, spectrum, cfg, mesh, abstract_params, noise, labels, key, scale
-    )
+    with _forms_of(mesh):
+        lowered = driver.lower_chunk(
+            denoiser, spectrum, cfg, mesh, abstract_params, noise, labels, key, scale
+        )
     compiled = lowered.compile()
     return report_of(
         "sampler",

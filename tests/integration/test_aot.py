@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from helpers.config_files import load_config
 
-from gmflow_jax import aot
+from gmflow_jax import aot, gm
 
 pytest.importorskip("libtpu", reason="jax[tpu] (libtpu) is needed for TPU topologies")
 
@@ -163,3 +163,14 @@ def test_a_peak_over_the_chips_memory_names_the_program(monkeypatch, tiny_compil
     assert any(m.startswith("train_step: peak") and "v5p chip" in m for m in over)
     monkeypatch.setitem(aot.HBM_GIB, "v5p", step.peak_bytes / aot.GIB)  # exactly full: fits
     assert not any(m.startswith("train_step") for m in aot.over_budget([step], "v5p"))
+
+
+def test_a_tpu_compile_traces_the_gm_math_in_its_tpu_forms():
+    # the host is a CPU, so the GM math would otherwise trace its XLA:CPU forms into a TPU program
+    assert gm.cpu_reformulations()  # this host
+    tpu = aot.make_mesh(aot.MeshConfig(), devices=aot.topology_devices("v5p:2x2x2"))
+    with aot._forms_of(tpu):
+        assert not gm.cpu_reformulations()
+    cpu = aot.make_mesh(aot.MeshConfig(), devices=jax.devices())
+    with aot._forms_of(cpu):
+        assert gm.cpu_reformulations()
