@@ -260,7 +260,8 @@ def _bracketed_halley(
             acc = acc + jax.lax.complex(e, e * d)
         return acc
 
-    def halley_step(_, carry):
+    def halley_update(carry):
+        """The next iterate and bracket from the sums at the current iterate (no new sums)."""
         y, lo, hi, step_prev, step_prev2, cdf, dens_slope_y = carry
         f = cdf - u
         below = f < 0  # the root lies above y
@@ -282,19 +283,19 @@ def _bracketed_halley(
             & (jnp.abs(step) <= 0.5 * step_prev2 + slack)
         )
         y_next = jnp.where(halley, jnp.clip(y_halley, lo, hi), 0.5 * (lo + hi))
-        return (
-            y_next,
-            lo,
-            hi,
-            jnp.abs(y_next - y),
-            step_prev,
-            scaled_cdf(y_next),
-            dens_slope(y_next),
-        )
+        return y_next, lo, hi, jnp.abs(y_next - y), step_prev
 
+    def halley_step(_, carry):
+        y_next, lo, hi, step, step_prev = halley_update(carry)
+        return y_next, lo, hi, step, step_prev, scaled_cdf(y_next), dens_slope(y_next)
+
+    if n_steps == 0:
+        return y0
+    # The last iteration needs no sums at its result: it runs after the loop, without them (one
+    # of the n_steps + 1 evaluations of F, F', F'' saved).
     width = hi - lo
     carry = (y0, lo, hi, width, width, scaled_cdf(y0), dens_slope(y0))
-    return jax.lax.fori_loop(0, n_steps, halley_step, carry)[0]
+    return halley_update(jax.lax.fori_loop(0, n_steps - 1, halley_step, carry))[0]
 
 
 def gm1d_inverse_cdf_bracketed(
@@ -604,14 +605,19 @@ def _kr_map(gm: GM, z: Array, rotation: Array | None = None) -> Array:
         u_a = jax.lax.erf(z_a / _SQRT2)
         weights = jnp.exp(slice_logweights)  # l^(0) = l exactly
         y_a = _bracketed_halley(means_a, weights, std, z_a, u_a, KR_SOLVER_STEPS, axis=1)
-        # l^(a+1) = logsoftmax_k(l^(a) - ((y_a - mu_ka) / s)^2 / 2), max-shifted; the normalizer
-        # is a reduction over K, which XLA computes once (an unrolled max and sum over K would be
-        # recomputed for every component).
-        logits = slice_logweights - 0.5 * ((jnp.expand_dims(y_a, 1) - means_a) * inv_std) ** 2
-        shift = jnp.max(logits, axis=1, keepdims=True)
-        shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-        total = jnp.sum(jnp.exp(logits - shift), axis=1, keepdims=True)
-        return logits - (shift + jnp.log(total)), y_a
+
+        def condition(slice_logweights):
+            # l^(a+1) = logsoftmax_k(l^(a) - ((y_a - mu_ka) / s)^2 / 2), max-shifted; the
+            # normalizer is a reduction over K, which XLA computes once (an unrolled max and sum
+            # over K would be recomputed for every component).
+            logits = slice_logweights - 0.5 * ((jnp.expand_dims(y_a, 1) - means_a) * inv_std) ** 2
+            shift = jnp.max(logits, axis=1, keepdims=True)
+            shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+            total = jnp.sum(jnp.exp(logits - shift), axis=1, keepdims=True)
+            return logits - (shift + jnp.log(total))
+
+        # The last axis has no successor to condition: skip the update there.
+        return jax.lax.cond(a < c_ - 1, condition, lambda x: x, slice_logweights), y_a
 
     # One compiled axis for all C axes (compile time); the slice log-weights are the carry.
     logweights0 = jnp.broadcast_to(logweights_t.reshape(gm_points), (b, k_) + points[1:])
