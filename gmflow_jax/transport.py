@@ -399,13 +399,11 @@ def kr_rotation(gm: GM) -> Array:
     return jax.lax.stop_gradient(eigvecs[..., ::-1])
 
 
-def _validate_kr(
-    gm: GM, points: Array, rotation: Array | None, name: str, default_rotation: bool = True
-):
+def _validate_kr(gm: GM, points: Array, rotation: Array | None, name: str):
     """Validate and promote the inputs of both KR directions; add a sample axis to `points`.
 
-    Returns `(gm, points [B, n, *P, C], rotation [B, C, C], has_sample_axis)`; `rotation` stays None
-    when it is not given and `default_rotation` is False (the caller computes it).
+    Returns `(gm, points [B, n, *P, C], rotation [B, C, C], has_sample_axis)` (the default
+    rotation is `kr_rotation(gm)`).
     """
     check_gm(gm)
     means_shape = gm.means.shape
@@ -430,8 +428,6 @@ def _validate_kr(
     if not has_sample_axis:
         points = points[:, None]
     if rotation is None:
-        if not default_rotation:
-            return gm.astype_compute(), points, None, has_sample_axis
         rotation = kr_rotation(gm)
     rotation = jax.lax.stop_gradient(to_compute_dtype(rotation))
     if rotation.shape != (means_shape[0], num_channels, num_channels):
@@ -550,8 +546,7 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     z = jax.lax.stop_gradient(z)
     if gm.num_components > KR_UNROLL_MAX_COMPONENTS:  # see KR_UNROLL_MAX_COMPONENTS
         return _gaussian_to_gm_samples_newton(gm, z, rotation)
-    # The default V is computed per block of samples, in `_kr_map`.
-    gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z", default_rotation=False)
+    gm, z, rotation, has_sample_axis = _validate_kr(gm, z, rotation, "z")
     b, n = z.shape[:2]
     p = math.prod(z.shape[2:-1])
     k_ = gm.num_components
@@ -559,17 +554,17 @@ def gaussian_to_gm_samples(gm: GM, z: Array, rotation: Array | None = None) -> A
     # the slice log-weights, weights, terms of the logsumexp and the transposed log-weights.
     blocks = _sample_blocks(b, 4 * (p * k_ * gm.num_channels + 4 * n * p * k_))
     logstds = jnp.broadcast_to(gm.logstds, (b,) + gm.logstds.shape[1:])
-    fields = (gm.means, gm.logweights, logstds, z) + (() if rotation is None else (rotation,))
+    # V of the whole batch, before the blocks: inside a block XLA fuses the pixel means of
+    # `kr_rotation` into its centring of every component and recomputes them K times.
+    fields = (gm.means, gm.logweights, logstds, z, rotation)
     x = _map_blocks(lambda *f: _kr_map(GM(*f[:3]), *f[3:]), blocks, *fields)
     if not has_sample_axis:
         x = x[:, 0]
     return jax.lax.stop_gradient(x.astype(out_dtype))
 
 
-def _kr_map(gm: GM, z: Array, rotation: Array | None = None) -> Array:
+def _kr_map(gm: GM, z: Array, rotation: Array) -> Array:
     """`gaussian_to_gm_samples` on validated inputs: z `[B, n, *P, C]` -> x of that shape."""
-    if rotation is None:
-        rotation = kr_rotation(gm)
     k_, c_ = gm.num_components, gm.num_channels
     b, n = z.shape[:2]
     p = math.prod(z.shape[2:-1])
