@@ -52,9 +52,14 @@ def cpu_reformulations() -> bool:
     True on the CPU backend: short-axis sums, weighted sums and log-sum-exps are unrolled into
     element-wise ops or written as dots, per-component quantities keep the component axis minor,
     and channel sums read channel slices of their inputs (`axis_sum`, `weighted_sum`,
-    `axis_logsumexp`, `axis_softmax`, `component_weights`, `sq_distance`). XLA:CPU's loop emitter
-    vectorizes along the minor axis and re-reads or re-computes what a reduction's consumers share;
-    these forms are what it runs at memory speed (`benchmarks/gm_ops.py`).
+    `axis_logsumexp`, `axis_softmax`, `component_weights`, `sq_distance`). Why: XLA:CPU (jax
+    0.10) hands a native reduction over the K axis of `[..., K, C]` to its YNNPACK fusion, which at
+    the latent shape runs ~10x slower than the same sum unrolled into element-wise adds (gm_mean's
+    weighted sum: 7.3 ms against 0.6 ms), does not vectorize `exp` over a size-1 minor axis, and
+    re-reads or re-computes what a reduction's consumers share. With these forms the GM operations
+    run 2-3x faster than with the straightforward ones (`benchmarks/gm_ops.py`: gm_mean 2.1 -> 1.0
+    ms, gm_to_iso_gaussian 4.7 -> 1.4-1.9 ms); XLA:CPU still compiles them to scalar, not vector,
+    loops (README "Performance").
     Other backends (GPU, TPU) reduce natively and keep the straightforward lowering. The choice
     is made while tracing; `forced_forms` overrides it (tests compare both forms on the CPU).
     """
