@@ -67,7 +67,8 @@ maps a buffer above 32 MB afresh on every call; the page faults of that memory c
 call of `gaussian_to_gm_samples` at the latent shape (B = 128, 32 x 32 pixels, K = 8, C = 4: 48 MB
 of temporaries in one block). Four blocks of 8 MiB measured fastest there on the 2-core CPU
 (`benchmarks/transport.py`, idle machine: 49.5-54.4 ms per call, against 56-66 ms in eight blocks
-of 4 MiB and 62-65 ms in fewer, larger ones)."""
+of 4 MiB and 62-65 ms in fewer, larger ones; after the solver changes since, timed alternately in one
+process: two blocks of 16 MiB 1.03x and eight of 4 MiB 1.17x the time of four of 8 MiB)."""
 
 KR_MAX_BLOCKS = 16
 """At most this many blocks (more would multiply the per-operation overhead); a batch with no
