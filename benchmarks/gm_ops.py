@@ -39,13 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmflow_jax import flow
+from gmflow_jax import flow, transport
 from gmflow_jax import gm as gmlib
-
-try:  # written concurrently by another engineer; optional here
-    from gmflow_jax import transport
-except ImportError:  # pragma: no cover
-    transport = None
 
 F32 = 4  # bytes
 MEMORY_COPY_MB = 512
@@ -155,25 +150,20 @@ def build_ops(b: int, h: int, w: int, k: int, c: int, seed: int = 0):
             (key, gm),
             nbytes(pix_shape, x_shape),
         ),
+        (
+            "gaussian_to_gm_samples",
+            jax.jit(transport.gaussian_to_gm_samples),
+            (gm, x),
+            gm_in + nbytes(x_shape, x_shape),
+        ),
+        ("hartley", jax.jit(transport.hartley), (x,), nbytes(x_shape, x_shape)),
+        (
+            "hartley FFT",
+            jax.jit(lambda a: jnp.fft.fft2(a, axes=(-3, -2), norm="ortho")),
+            (x,),
+            nbytes(x_shape) + 2 * nbytes(x_shape),  # complex64 output
+        ),
     ]
-    if transport is not None:
-        ops.append(
-            (
-                "gaussian_to_gm_samples",
-                jax.jit(transport.gaussian_to_gm_samples),
-                (gm, x),
-                gm_in + nbytes(x_shape, x_shape),
-            )
-        )
-        ops.append(("hartley", jax.jit(transport.hartley), (x,), nbytes(x_shape, x_shape)))
-        ops.append(
-            (
-                "hartley FFT",
-                jax.jit(lambda a: jnp.fft.fft2(a, axes=(-3, -2), norm="ortho")),
-                (x,),
-                nbytes(x_shape) + 2 * nbytes(x_shape),  # complex64 output
-            )
-        )
     return ops, gm_in
 
 
