@@ -36,13 +36,11 @@ from gmflow_jax.constants import (
 from gmflow_jax.gm import (
     GM,
     axis_log_softmax,
-    axis_softmax,
     axis_sum,
     check_gm,
     check_point,
-    sq_distance,
+    tilted_mean,
     to_compute_dtype,
-    weighted_sum,
 )
 
 Array = jax.Array
@@ -244,10 +242,9 @@ def retarget_mean(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> Array:
 
     The mean of `retarget_gm` without forming it: every product component mean is the same affine
     map of mu_k, (g_v mu_k + s2 g_m) / norm, and the weights sum to one, so the mean is that map of
-    sum_k w_k mu_k (the weights with the component axis minor, see `gm.sq_distance`).
+    sum_k w_k mu_k (`gm.tilted_mean`, one pass of the native kernel on the CPU).
     """
     gm, g_m, g_v, s2, norm = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
-    # [B, 1, ..., 1] against the weights [..., K] (g_v is a scalar for scalar times)
-    g_v, s2, norm = (a[..., 0] if a.ndim else a for a in (g_v, s2, norm))
-    w = axis_softmax(gm.logweights[..., 0] - sq_distance(g_m, gm.means) / (2.0 * norm), -1)
-    return (g_v * weighted_sum(w, gm.means) + s2 * g_m) / norm
+    # [B, 1, ..., 1] -> [B, 1, ...] per pixel (g_v is a scalar for scalar times)
+    g_v, s2, norm = (x[..., 0, 0] if x.ndim else x for x in (g_v, s2, norm))
+    return tilted_mean(gm, g_m, 2.0 * norm, g_v / norm, s2 / norm)

@@ -11,6 +11,7 @@ function                               docs/math.md
 `gm_to_gaussian`                       §2.3 full-covariance moment match
 `gm_logprob`, `iso_gaussian_logprob`   §2.4 log-density
 `gm_mul_iso_gaussian`                  §2.5 GM times isotropic Gaussian with powers
+`tilted_mean`                          §2.5 / §3.4 mean of a GM times an isotropic Gaussian
 `iso_gaussian_mul_iso_gaussian`        §2.6 Gaussian times Gaussian with powers (and quotient)
 `gm_sample`                            §2.8 ancestral sampling
 =====================================  =====================================================
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from gmflow_jax import cpu_kernels
 from gmflow_jax.constants import PRODUCT_EPS, QUOTIENT_EPS
 
 Array = jax.Array
@@ -79,6 +81,26 @@ def forced_forms(cpu: bool):
         yield
     finally:
         _FORMS_OVERRIDE.pop()
+
+
+def native_kernels_apply(means: Array) -> bool:
+    """Whether the GM operations run the native CPU kernels of `cpu_kernels` for these means.
+
+    The kernels are the CPU form of the K-axis passes of `gm_mean`, `gm_to_iso_gaussian`,
+    `gm_mul_iso_gaussian` and `tilted_mean` (so `flow.retarget_mean`): one vectorized pass where
+    XLA:CPU needs two or three scalar ones. They apply under `cpu_reformulations()`, to float32
+    means `[..., 8, 4]` (the latent GM of the paper's models), once built
+    (`cpu_kernels.available()`), and on a single-device CPU backend. Why the last condition: XLA's
+    SPMD partitioner cannot split a custom call, so in a program over several devices (the fake CPU
+    devices of the pod tests) it would gather a sharded GM onto every device; those programs keep
+    the XLA forms. `cpu_kernels.forced` overrides the device count (and turns the kernels off).
+    """
+    forced = cpu_kernels.forced_setting()
+    if forced is False or not cpu_reformulations() or not cpu_kernels.shapes_supported(means):
+        return False
+    if forced is None and jax.device_count() > 1:
+        return False
+    return cpu_kernels.available()
 
 
 def _slices(x: Array, axis: int) -> list[Array]:
@@ -358,29 +380,47 @@ def check_point(x: Array, gm: GM, name: str) -> None:
         )
 
 
+def _mean_xla(means: Array, logweights: Array) -> Array:
+    """sum_k exp(l_k) mu_k (normalized log-weights) in the XLA forms."""
+    return weighted_sum(component_weights(logweights), means)
+
+
+def _moments_xla(means: Array, logweights: Array) -> tuple[Array, Array]:
+    """(m, sum_k w_k |mu_k - m|^2 / C) in the XLA forms: two passes, the second reading the means
+    again rather than a `[..., K, C]` centred copy."""
+    w = component_weights(logweights)
+    m = weighted_sum(w, means)  # bit for bit _mean_xla (the 2nd-order correction compares them)
+    spread = axis_sum(w * sq_distance(m, means), -1, broadcast_back=False) / means.shape[-1]
+    return m, spread
+
+
 def gm_mean(gm: GM, power: float = 1.0) -> Array:
     """Mean of the GM, sum_k softmax(p l)_k mu_k, shape `[..., C]` (§2.1)."""
     check_gm(gm)
     gm = gm.astype_compute()
-    if power == 1.0:
-        # log-weights are normalized: the same weights as gm_to_iso_gaussian, bit for bit
-        w = component_weights(gm.logweights)
-    else:
+    if power != 1.0:
         w = jnp.exp(axis_log_softmax(power * gm.logweights[..., 0], -1))
-    return weighted_sum(w, gm.means)
+        return weighted_sum(w, gm.means)
+    # log-weights are normalized: the same weights as gm_to_iso_gaussian, and its mean bit for bit
+    if native_kernels_apply(gm.means):
+        mean = cpu_kernels.with_reference_gradient(cpu_kernels.gm_mean, _mean_xla)
+        return mean(gm.means, gm.logweights)
+    return _mean_xla(gm.means, gm.logweights)
 
 
 def gm_to_iso_gaussian(gm: GM) -> tuple[Array, Array]:
     """Moment-matched isotropic Gaussian `(m [..., C], v [..., 1])`, v per pixel (§2.2).
 
     Two passes (the mean, then the weighted squared distances to it), as accurate as the centred
-    form of §2.2; the second pass reads the means again rather than a `[..., K, C]` centred copy.
+    form of §2.2 (one pass of the native kernel over each pixel, `native_kernels_apply`).
     """
     check_gm(gm)
     gm = gm.astype_compute()
-    w = component_weights(gm.logweights)
-    m = weighted_sum(w, gm.means)  # bit for bit gm_mean (the 2nd-order correction compares them)
-    spread = axis_sum(w * sq_distance(m, gm.means), -1, broadcast_back=False) / gm.num_channels
+    if native_kernels_apply(gm.means):
+        moments = cpu_kernels.with_reference_gradient(cpu_kernels.gm_moments, _moments_xla)
+        m, spread = moments(gm.means, gm.logweights)
+    else:
+        m, spread = _moments_xla(gm.means, gm.logweights)
     var = spread[..., None] + jnp.exp(2.0 * gm.logstds[..., 0, :])
     return m, var
 
@@ -438,14 +478,54 @@ def gm_mul_iso_gaussian(
     check_point(mean, gm, "mean")
     rho = gaussian_power / gm_power
     v = var[..., None, :]  # [..., 1, 1]
-    m = mean[..., None, :]  # [..., 1, C]
     s2 = jnp.exp(2.0 * gm.logstds)
     norm = jnp.maximum(v + rho * s2, PRODUCT_EPS)
+    logstds = gm.logstds + 0.5 * jnp.log(v) - 0.5 * jnp.log(norm)
+    if native_kernels_apply(gm.means):
+        # means a mu_k + b m, logits l_k - |m - mu_k|^2 / d, per sample (a, b, d: [..., 1, 1])
+        a, b, d = v / norm, rho * s2 / norm, 2.0 * norm / rho
+        product = cpu_kernels.with_reference_gradient(cpu_kernels.gm_product, _product_xla)
+        means, logweights = product(
+            gm.means, gm.logweights, mean, d[..., 0, 0], a[..., 0, 0], b[..., 0, 0]
+        )
+        return GM(means, logweights[..., None], logstds)
+    m = mean[..., None, :]  # [..., 1, C]
     means = (v * gm.means + rho * s2 * m) / norm
     sq = sq_distance(mean, gm.means, keepdims=True)
     logweights = axis_log_softmax(gm.logweights - rho * sq / (2.0 * norm), -2)
-    logstds = gm.logstds + 0.5 * jnp.log(v) - 0.5 * jnp.log(norm)
     return GM(means, logweights, logstds)
+
+
+def _product_xla(means, logweights, point, denom, a, b) -> tuple[Array, Array]:
+    """`cpu_kernels.gm_product` in the XLA forms (its gradients): d, a, b `[...]` per pixel."""
+    logits = logweights[..., 0] - sq_distance(point, means) / denom[..., None]
+    new_means = a[..., None, None] * means + b[..., None, None] * point[..., None, :]
+    return new_means, axis_log_softmax(logits, -1)
+
+
+def _tilted_mean_xla(means, logweights, point, denom, a, b) -> Array:
+    """`cpu_kernels.tilted_mean` in the XLA forms: d, a, b `[...]` per pixel (or broadcasting)."""
+    w = axis_softmax(logweights[..., 0] - sq_distance(point, means) / denom[..., None], -1)
+    return a[..., None] * weighted_sum(w, means) + b[..., None] * point
+
+
+def tilted_mean(gm: GM, point: Array, denom: Array, a: Array, b: Array) -> Array:
+    """a sum_k w_k mu_k + b y, w = softmax_k(l_k - |y - mu_k|^2 / d): the mean of the GM tilted
+    by an isotropic Gaussian at y (§2.5, §3.4), `[..., C]`.
+
+    `point` y is `[..., C]`; `denom` d, `a` and `b` broadcast to the pixels `[...]`. The log-weights
+    need not be normalized (the softmax normalizes them).
+    """
+    check_gm(gm)
+    gm = gm.astype_compute()
+    point, denom, a, b = map(to_compute_dtype, (point, denom, a, b))
+    check_point(point, gm, "point")
+    lead = gm.means.shape[:-2]
+    denom, a, b = (jnp.broadcast_to(x, lead) for x in (denom, a, b))
+    if native_kernels_apply(gm.means):
+        mean = cpu_kernels.with_reference_gradient(cpu_kernels.tilted_mean, _tilted_mean_xla)
+        return mean(gm.means, gm.logweights, point, denom, a, b)
+    return _tilted_mean_xla(gm.means, gm.logweights, point, denom, a, b)
 
 
 def iso_gaussian_mul_iso_gaussian(

@@ -5,7 +5,7 @@ The layers, bottom to top (a module may import any module of its own layer or of
 never one above; within a layer the import graph must have no cycle):
 
     foundation      the package root, atomic_file, config_variant, paths
-    math            gm, flow, transport, guidance, losses, constants
+    math            gm, cpu_kernels, flow, transport, guidance, losses, constants
     models          networks, the model builder, the denoiser wrapper
     solvers         sampler grammar and scan loops
     infrastructure  parallel, data, checkpoint, workdir_lock, run_config, config_validation
@@ -67,6 +67,7 @@ LAYER_OF = {
     "paths": "foundation",  # the path layer (local or gs://): atomic_file itself names files with it
     "constants": "math",  # the epsilons of the math; imported by every math module
     "gm": "math",
+    "cpu_kernels": "math",  # native CPU kernels of the GM math (XLA FFI); imported by gm only
     "flow": "math",
     "transport": "math",
     "guidance": "math",
