@@ -11,7 +11,8 @@
 // §3.4; tests/unit/test_cpu_kernels.py).
 //
 // Layout: dense row-major buffers, flattened to P pixels: means [P, 8, 4], logweights [P, 8]
-// (normalized), point [P, 4], denom [P]. One pixel's means are two 16-float vectors (components
+// (normalized), point [P, 4]; per-sample scalars (denominators, affine coefficients, the GM's
+// variance) as S values for S equal blocks of pixels. One pixel's means are two 16-float vectors (components
 // 0-3 and 4-7, four channels each) and its weights one 8-float vector; sums over components are
 // butterfly shuffles within a vector. Weights are exponentiated 16 at a time over a tile's
 // contiguous [16, 8] block (exp and log are polynomials below: the C library's scalar `expf` would
@@ -87,7 +88,7 @@ V16 Exp(V16 x) {
   return x != x ? x : y;
 }
 
-// log(s) for finite s >= 1 (the clamped sums of exponentials of a log-sum-exp): s = 2^e m with
+// log(s) for s >= 1 or NaN (the clamped sums of exponentials of a log-sum-exp): s = 2^e m with
 // m in [sqrt(1/2), sqrt(2)), log(m) = f - f^2/2 + f^3 q(f), f = m - 1 (relative error ~1e-7).
 V16 Log(V16 s) {
   I16 bits = (I16)s;
@@ -109,7 +110,8 @@ V16 Log(V16 s) {
   q = q * f - 2.4999993993e-1f;
   q = q * f + 3.3333331174e-1f;
   V16 f2 = f * f;
-  return (f * f2 * q - 0.5f * f2 + f) + ef * 0.693147180559945309f;
+  V16 y = (f * f2 * q - 0.5f * f2 + f) + ef * 0.693147180559945309f;
+  return s != s ? s : y;  // NaN stays NaN
 }
 
 // Butterfly reductions: every lane of the result holds the reduction over its group.
@@ -148,53 +150,77 @@ V16 WeightsHi(V8 w) { return __builtin_shufflevector(w, w, 4, 4, 4, 4, 5, 5, 5, 
 // sum_k w_k mu_k, replicated in all four 4-lane groups.
 V16 WeightedMean(V16 lo, V16 hi, V16 wlo, V16 whi) { return SumOver4Groups(wlo * lo + whi * hi); }
 
+// Per-sample scalars (d, a, b, the GM variance) are arrays of S values over P pixels, S dividing P:
+// pixel p reads value p / (P / S) (the scalars' shape is a leading part of the pixels' shape).
+struct Scalars {
+  const float* data = nullptr;
+  int64_t stride = 1;  // pixels per value
+
+  // values of pixels [p0, p0 + n) into out[0, n)
+  void Gather(int64_t p0, int64_t n, float* out) const {
+    int64_t s = p0 / stride, next = (s + 1) * stride;
+    if (p0 + n <= next) {  // the whole tile in one block (the usual case)
+      std::fill(out, out + n, data[s]);
+      return;
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      while (p0 + t >= next) {
+        ++s;
+        next += stride;
+      }
+      out[t] = data[s];
+    }
+  }
+};
+
 struct Problem {
   int64_t pixels;
-  const float *means, *logw;                                      // [P, K, C], [P, K]
-  const float *point = nullptr, *denom = nullptr;                 // [P, C], [P]
-  const float *a = nullptr, *b = nullptr;                         // [P], [P]
-  float *mean_out = nullptr, *spread_out = nullptr;               // [P, C], [P]
-  float *logw_out = nullptr, *means_out = nullptr;                // [P, K], [P, K, C]
+  const float *means, *logw;                        // [P, K, C], [P, K]
+  const float* point = nullptr;                     // [P, C]
+  Scalars denom, a, b, var0;                        // per sample
+  float *mean_out = nullptr, *spread_out = nullptr;  // [P, C], [P]
+  float *logw_out = nullptr, *means_out = nullptr;   // [P, K], [P, K, C]
+  float* lse_out = nullptr;                          // [P]
 };
 
 // The tile being processed: pixels [p0, p0 + n), n <= kTile. The inputs of a partial last tile
-// are read through padded copies (zeros; denominators 1), so every load below is in bounds.
+// are read through padded copies (zeros), so every load below is in bounds; the per-sample
+// scalars are gathered per pixel (denominators 1 past the end).
 struct Tile {
-  const float *means, *logw, *point, *denom, *a, *b;
+  const float *means, *logw, *point;
   int64_t n;
+  alignas(64) float denom[kTile], a[kTile], b[kTile], var0[kTile];
   alignas(64) float pad_means[kTile * K * C];
   alignas(64) float pad_logw[kTile * K];
   alignas(64) float pad_point[kTile * C];
-  alignas(64) float pad_denom[kTile], pad_a[kTile], pad_b[kTile];
 
   void Set(const Problem& pb, int64_t p0) {
     n = std::min(kTile, pb.pixels - p0);
     means = pb.means + p0 * K * C;
     logw = pb.logw + p0 * K;
     point = pb.point != nullptr ? pb.point + p0 * C : nullptr;
-    denom = pb.denom != nullptr ? pb.denom + p0 : nullptr;
-    a = pb.a != nullptr ? pb.a + p0 : nullptr;
-    b = pb.b != nullptr ? pb.b + p0 : nullptr;
     if (n < kTile) {
-      means = Pad(means, n * K * C, pad_means, kTile * K * C, 0.0f);
-      logw = Pad(logw, n * K, pad_logw, kTile * K, 0.0f);
-      point = Pad(point, n * C, pad_point, kTile * C, 0.0f);
-      denom = Pad(denom, n, pad_denom, kTile, 1.0f);
-      a = Pad(a, n, pad_a, kTile, 0.0f);
-      b = Pad(b, n, pad_b, kTile, 0.0f);
+      means = Pad(means, n * K * C, pad_means, kTile * K * C);
+      logw = Pad(logw, n * K, pad_logw, kTile * K);
+      point = Pad(point, n * C, pad_point, kTile * C);
+      std::fill(denom, denom + kTile, 1.0f);
     }
+    const Scalars* from[] = {&pb.denom, &pb.a, &pb.b, &pb.var0};
+    float* to[] = {denom, a, b, var0};
+    for (int i = 0; i < 4; ++i)
+      if (from[i]->data != nullptr) from[i]->Gather(p0, n, to[i]);
   }
 
-  static const float* Pad(const float* src, int64_t count, float* dst, int64_t size, float fill) {
+  static const float* Pad(const float* src, int64_t count, float* dst, int64_t size) {
     if (src == nullptr) return nullptr;
     std::copy(src, src + count, dst);
-    std::fill(dst + count, dst + size, fill);
+    std::fill(dst + count, dst + size, 0.0f);
     return dst;
   }
 };
 
-// gm_mean (no spread_out) and gm_to_iso_gaussian: w_k = exp(l_k), m = sum_k w_k mu_k,
-// spread = sum_k w_k |mu_k - m|^2 / C (the centred second pass of §2.2).
+// gm_mean (no spread_out) and gm_to_iso_gaussian: w_k = exp(l_k), m = sum_k w_k mu_k, and the
+// variance sum_k w_k |mu_k - m|^2 / C + var0 (the centred second pass of §2.2).
 void MomentsTiles(const Problem& pb, int64_t begin, int64_t end) {
   Tile tile;
   for (int64_t index = begin; index < end; ++index) {
@@ -212,7 +238,7 @@ void MomentsTiles(const Problem& pb, int64_t begin, int64_t end) {
       if (pb.spread_out != nullptr) {
         V16 dlo = lo - m, dhi = hi - m;
         V16 s = SumWithin4(SumOver4Groups(wlo * (dlo * dlo) + whi * (dhi * dhi)));
-        spread[t] = s[0] * (1.0f / C);
+        spread[t] = s[0] * (1.0f / C) + tile.var0[t];
       }
     }
     if (pb.spread_out != nullptr) std::copy(spread, spread + tile.n, pb.spread_out + p0);
@@ -220,8 +246,9 @@ void MomentsTiles(const Problem& pb, int64_t begin, int64_t end) {
 }
 
 // The tilted GM l_k - |y - mu_k|^2 / d, whose component means are a mu_k + b y. With logw_out:
-// the GM itself (§2.5: its normalized log-weights, and its means in means_out); else its mean
-// (mean_out, §3.4's re-targeted mean): a sum_k w_k mu_k + b y under the tilted weights w.
+// the GM itself (§2.5: its normalized log-weights, and its means in means_out); with lse_out:
+// its log-normalizer log sum_k exp(l_k - |y - mu_k|^2 / d) + b (§2.4 with d = 2 s^2); else its
+// mean (mean_out, §3.4's re-targeted mean): a sum_k w_k mu_k + b y under the tilted weights w.
 void TiltedTiles(const Problem& pb, int64_t begin, int64_t end) {
   Tile tile;
   const bool product = pb.logw_out != nullptr;
@@ -232,7 +259,7 @@ void TiltedTiles(const Problem& pb, int64_t begin, int64_t end) {
     // need not propagate NaN as jnp.maximum does: a NaN logit makes the sum of exponentials NaN
     // below, and with it every output of the pixel, as in the XLA forms.
     alignas(64) float logits[kTile * K], shift[kTile * K], mx[kTile];
-    V16 inv_d = 1.0f / Load<V16>(tile.denom);
+    V16 inv_d = 1.0f / Load<V16>(tile.denom);  // one division per 16 pixels
     auto pixel = [&](int64_t t, V16 y) {
       const float* mu = tile.means + t * K * C;
       V16 lo = Load<V16>(mu), hi = Load<V16>(mu + 16);
@@ -267,13 +294,19 @@ void TiltedTiles(const Problem& pb, int64_t begin, int64_t end) {
     for (int64_t t = 0; t < kTile; ++t) sum[t] = Sum8(Load<V8>(e + t * K))[0];
     V16 s = Load<V16>(sum);
     s = s < 1.0f ? Splat(1.0f) : s;  // max(S, 1), NaN kept
-    if (product) {
-      // log-softmax l_k - lse, lse = max + log(S) where the max is finite, the max itself (+-inf,
-      // NaN) elsewhere
+    if (product || pb.lse_out != nullptr) {
+      // lse = max + log(S) where the max is finite, the max itself (+-inf, NaN) elsewhere
+      // (`gm._unrolled_lse_value`); the log-softmax is l_k - lse
       V16 m = Load<V16>(mx);
       V16 lse = (m - m) == 0.0f ? m + Log(s) : m;
-      for (int64_t t = 0; t < tile.n; ++t)
-        Store(pb.logw_out + (p0 + t) * K, Load<V8>(logits + t * K) - lse[t]);
+      if (product) {
+        for (int64_t t = 0; t < tile.n; ++t)
+          Store(pb.logw_out + (p0 + t) * K, Load<V8>(logits + t * K) - lse[t]);
+      } else {
+        alignas(64) float out[kTile];
+        Store(out, lse + Load<V16>(tile.b));
+        std::copy(out, out + tile.n, pb.lse_out + p0);
+      }
     } else {
       // the softmax weights e_k / S (`gm.axis_softmax`): the weighted mean of e_k, over S, mapped
       V16 inv_s = 1.0f / s;
@@ -328,9 +361,8 @@ ffi::Error Run(ffi::ThreadPool& pool, const Problem& pb, Body tiles) {
   return ffi::Error::Success();
 }
 
-// Shapes: means [..., 8, 4], logweights [..., 8] over the same pixels (and point [..., 4], denom
-// [...] for the tilted kernels; a, b [...] for the product). The caller guarantees them; checked
-// again here.
+// Shapes: means [..., 8, 4], logweights [..., 8(, 1)] over the same pixels, point [..., 4]; the
+// caller guarantees them; checked again here.
 ffi::Error GmProblem(const ffi::Buffer<ffi::F32>& means, const ffi::Buffer<ffi::F32>& logw,
                      Problem* pb) {
   auto dims = means.dimensions();
@@ -344,21 +376,26 @@ ffi::Error GmProblem(const ffi::Buffer<ffi::F32>& means, const ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+// Per-sample scalars: S values with S dividing the pixel count.
+ffi::Error SetScalars(const ffi::Buffer<ffi::F32>& x, int64_t pixels, Scalars* out) {
+  int64_t count = static_cast<int64_t>(x.element_count());
+  if (count < 1 || pixels % count != 0)
+    return ffi::Error::InvalidArgument("per-sample scalars must divide the pixels into blocks");
+  out->data = x.typed_data();
+  out->stride = pixels / count;
+  return ffi::Error::Success();
+}
+
 ffi::Error TiltProblem(const ffi::Buffer<ffi::F32>& means, const ffi::Buffer<ffi::F32>& logw,
                        const ffi::Buffer<ffi::F32>& point, const ffi::Buffer<ffi::F32>& denom,
                        const ffi::Buffer<ffi::F32>& a, const ffi::Buffer<ffi::F32>& b,
                        Problem* pb) {
   if (ffi::Error err = GmProblem(means, logw, pb); err.failure()) return err;
-  auto pixels = [pb](const ffi::Buffer<ffi::F32>& x) {
-    return static_cast<int64_t>(x.element_count()) == pb->pixels;
-  };
-  if (static_cast<int64_t>(point.element_count()) != pb->pixels * C || !pixels(denom) ||
-      !pixels(a) || !pixels(b))
-    return ffi::Error::InvalidArgument("point must be [..., 4] and denom, a, b [...]");
+  if (static_cast<int64_t>(point.element_count()) != pb->pixels * C)
+    return ffi::Error::InvalidArgument("point must be [..., 4] over the pixels of means");
   pb->point = point.typed_data();
-  pb->denom = denom.typed_data();
-  pb->a = a.typed_data();
-  pb->b = b.typed_data();
+  for (auto [buffer, scalars] : {std::pair{&denom, &pb->denom}, {&a, &pb->a}, {&b, &pb->b}})
+    if (ffi::Error err = SetScalars(*buffer, pb->pixels, scalars); err.failure()) return err;
   return ffi::Error::Success();
 }
 
@@ -371,12 +408,14 @@ ffi::Error GmMeanImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means,
 }
 
 ffi::Error GmMomentsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means,
-                         ffi::Buffer<ffi::F32> logw, ffi::ResultBuffer<ffi::F32> mean_out,
-                         ffi::ResultBuffer<ffi::F32> spread_out) {
+                         ffi::Buffer<ffi::F32> logw, ffi::Buffer<ffi::F32> var0,
+                         ffi::ResultBuffer<ffi::F32> mean_out,
+                         ffi::ResultBuffer<ffi::F32> var_out) {
   Problem pb;
   if (ffi::Error err = GmProblem(means, logw, &pb); err.failure()) return err;
+  if (ffi::Error err = SetScalars(var0, pb.pixels, &pb.var0); err.failure()) return err;
   pb.mean_out = mean_out->typed_data();
-  pb.spread_out = spread_out->typed_data();
+  pb.spread_out = var_out->typed_data();
   return Run(pool, pb, MomentsTiles);
 }
 
@@ -390,6 +429,17 @@ ffi::Error GmProductImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means,
     return err;
   pb.means_out = means_out->typed_data();
   pb.logw_out = logw_out->typed_data();
+  return Run(pool, pb, TiltedTiles);
+}
+
+ffi::Error TiltedLseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means,
+                         ffi::Buffer<ffi::F32> logw, ffi::Buffer<ffi::F32> point,
+                         ffi::Buffer<ffi::F32> denom, ffi::Buffer<ffi::F32> offset,
+                         ffi::ResultBuffer<ffi::F32> out) {
+  Problem pb;
+  if (ffi::Error err = TiltProblem(means, logw, point, denom, offset, offset, &pb); err.failure())
+    return err;
+  pb.lse_out = out->typed_data();
   return Run(pool, pb, TiltedTiles);
 }
 
@@ -418,6 +468,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowGmMoments, GmMomentsImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -431,6 +482,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowGmProduct, GmProductImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowTiltedLse, TiltedLseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowTiltedMean, TiltedMeanImpl,

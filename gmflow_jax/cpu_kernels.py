@@ -15,6 +15,7 @@ kernel             computes, per pixel                                          
 `gm_moments`       that mean m and sum_k exp(l_k) |mu_k - m|^2 / C                 `gm.gm_to_iso_gaussian`
 `gm_product`       means a mu_k + b y, log-weights log_softmax_k(l_k - |y-mu_k|^2/d)  `gm.gm_mul_iso_gaussian`
 `tilted_mean`      that GM's mean, a sum_k softmax_k(l_k - |y-mu_k|^2/d) mu_k + b y  `flow.retarget_mean`
+`tilted_lse`       log sum_k exp(l_k - |y - mu_k|^2 / d) + offset                  `gm.gm_logprob`
 =================  ==============================================================  =========================
 
 with the clamps and non-finite handling of the XLA forms they replace (docs/math.md §2.1, §2.2, §2.5,
@@ -63,6 +64,7 @@ _TARGETS = {
     "gmflow_gm_moments": "GmflowGmMoments",
     "gmflow_gm_product": "GmflowGmProduct",
     "gmflow_tilted_mean": "GmflowTiltedMean",
+    "gmflow_tilted_lse": "GmflowTiltedLse",
 }
 """FFI target name -> exported handler symbol of the library."""
 
@@ -185,18 +187,33 @@ def shapes_supported(means: Array) -> bool:
     return means.dtype == jnp.float32 and means.shape[-2:] == SHAPE and means.size > 0
 
 
+def _pixels(means: Array, logweights: Array) -> tuple[tuple[int, ...], Array, Array]:
+    """(leading pixel shape, means, log-weights), validated: `[..., K, C]`, `[..., K(, 1)]`."""
+    lead = means.shape[:-2]
+    if logweights.shape not in (means.shape[:-1], means.shape[:-1] + (1,)):
+        raise ValueError(f"logweights {logweights.shape} do not match means {means.shape}")
+    return lead, means, logweights.astype(jnp.float32)
+
+
+def _per_sample(x, lead: tuple[int, ...]) -> Array:
+    """A per-sample scalar broadcasting to the pixels `lead`, as the kernels read it: its leading
+    non-trivial axes when they are a prefix of `lead` (`[B, 1, 1]` -> `[B]`: S values for S equal
+    blocks of pixels, nothing materialized per pixel), else broadcast to `lead`."""
+    x = jnp.asarray(x, jnp.float32)
+    shape = (1,) * (len(lead) - x.ndim) + x.shape
+    i = len(shape)
+    while i > 0 and shape[i - 1] == 1:
+        i -= 1
+    if shape[:i] == lead[:i]:
+        return x.reshape(shape[:i] or (1,))
+    return jnp.broadcast_to(x, lead)
+
+
 def _call(target: str, out_shapes: tuple[tuple[int, ...], ...], *args: Array):
+    if not available():  # registers the targets on first use
+        raise RuntimeError(f"gmflow_jax native CPU kernels unavailable: {unavailable_reason()}")
     outs = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in out_shapes)
     return jax.ffi.ffi_call(target, outs, vmap_method="broadcast_all")(*args)
-
-
-def _pixels(means: Array, logweights: Array) -> tuple[tuple[int, ...], Array, Array]:
-    """(leading pixel shape, float32 means, log-weights `[..., K]`), validated."""
-    lead = means.shape[:-2]
-    lw = logweights.reshape(logweights.shape[:-1]) if logweights.ndim == means.ndim else logweights
-    if lw.shape != means.shape[:-1]:
-        raise ValueError(f"logweights {logweights.shape} do not match means {means.shape}")
-    return lead, means, lw.astype(jnp.float32)
 
 
 def gm_mean(means: Array, logweights: Array) -> Array:
@@ -206,18 +223,21 @@ def gm_mean(means: Array, logweights: Array) -> Array:
     return m
 
 
-def gm_moments(means: Array, logweights: Array) -> tuple[Array, Array]:
-    """(m `[..., C]` as `gm_mean`, sum_k exp(l_k) |mu_k - m|^2 / C `[...]`)."""
+def gm_moments(means: Array, logweights: Array, var0: Array) -> tuple[Array, Array]:
+    """(m `[..., C]` as `gm_mean`, sum_k exp(l_k) |mu_k - m|^2 / C + var0 `[..., 1]`).
+
+    var0 (the GM's own variance) broadcasts to the pixels `[...]`.
+    """
     lead, means, lw = _pixels(means, logweights)
-    m, spread = _call("gmflow_gm_moments", (lead + means.shape[-1:], lead), means, lw)
-    return m, spread
+    shapes = (lead + means.shape[-1:], lead + (1,))
+    return _call("gmflow_gm_moments", shapes, means, lw, _per_sample(var0, lead))
 
 
-def _tilt_args(means: Array, point: Array, *per_pixel: Array) -> list[Array]:
-    """point `[..., C]` and the per-pixel scalars (d, a, b) broadcast to the pixels, float32."""
+def _tilt_args(means: Array, point: Array, *scalars: Array) -> list[Array]:
+    """point `[..., C]` (float32) and the per-sample scalars (d, a, b) as the kernels read them."""
     lead = means.shape[:-2]
     out = [jnp.broadcast_to(point.astype(jnp.float32), lead + means.shape[-1:])]
-    return out + [jnp.broadcast_to(v.astype(jnp.float32), lead) for v in per_pixel]
+    return out + [_per_sample(v, lead) for v in scalars]
 
 
 def gm_product(
@@ -226,10 +246,10 @@ def gm_product(
     """The GM with means a mu_k + b y and log-weights log_softmax_k(l_k - |y - mu_k|^2 / d).
 
     means `[..., K, C]`, log-weights `[..., K(, 1)]`, point y `[..., C]`, d, a, b broadcasting to
-    the pixels `[...]`; returns (means `[..., K, C]`, log-weights `[..., K]`).
+    the pixels `[...]`; returns (means `[..., K, C]`, log-weights `[..., K, 1]`).
     """
     lead, means, lw = _pixels(means, logweights)
-    shapes = (means.shape, lead + means.shape[-2:-1])
+    shapes = (means.shape, lead + means.shape[-2:-1] + (1,))
     return _call("gmflow_gm_product", shapes, means, lw, *_tilt_args(means, point, denom, a, b))
 
 
@@ -240,6 +260,15 @@ def tilted_mean(
     lead, means, lw = _pixels(means, logweights)
     args = _tilt_args(means, point, denom, a, b)
     (out,) = _call("gmflow_tilted_mean", (lead + means.shape[-1:],), means, lw, *args)
+    return out
+
+
+def tilted_lse(means: Array, logweights: Array, point: Array, denom: Array, offset: Array) -> Array:
+    """log sum_k exp(l_k - |y - mu_k|^2 / d) + offset `[...]`: point y `[..., C]`; d and the
+    offset broadcast to the pixels `[...]` (with d = 2 s^2, the GM log-density up to the offset)."""
+    lead, means, lw = _pixels(means, logweights)
+    args = _tilt_args(means, point, denom, offset)
+    (out,) = _call("gmflow_tilted_lse", (lead,), means, lw, *args)
     return out
 
 

@@ -385,13 +385,13 @@ def _mean_xla(means: Array, logweights: Array) -> Array:
     return weighted_sum(component_weights(logweights), means)
 
 
-def _moments_xla(means: Array, logweights: Array) -> tuple[Array, Array]:
-    """(m, sum_k w_k |mu_k - m|^2 / C) in the XLA forms: two passes, the second reading the means
-    again rather than a `[..., K, C]` centred copy."""
+def _moments_xla(means: Array, logweights: Array, var0: Array) -> tuple[Array, Array]:
+    """(m, sum_k w_k |mu_k - m|^2 / C + var0 `[..., 1]`) in the XLA forms: two passes, the second
+    reading the means again rather than a `[..., K, C]` centred copy."""
     w = component_weights(logweights)
     m = weighted_sum(w, means)  # bit for bit _mean_xla (the 2nd-order correction compares them)
     spread = axis_sum(w * sq_distance(m, means), -1, broadcast_back=False) / means.shape[-1]
-    return m, spread
+    return m, (spread + var0)[..., None]
 
 
 def gm_mean(gm: GM, power: float = 1.0) -> Array:
@@ -416,13 +416,11 @@ def gm_to_iso_gaussian(gm: GM) -> tuple[Array, Array]:
     """
     check_gm(gm)
     gm = gm.astype_compute()
+    var0 = jnp.exp(2.0 * gm.logstds[..., 0, 0])  # [B, 1, ..., 1]: the GM's own variance
     if native_kernels_apply(gm.means):
         moments = cpu_kernels.with_reference_gradient(cpu_kernels.gm_moments, _moments_xla)
-        m, spread = moments(gm.means, gm.logweights)
-    else:
-        m, spread = _moments_xla(gm.means, gm.logweights)
-    var = spread[..., None] + jnp.exp(2.0 * gm.logstds[..., 0, :])
-    return m, var
+        return moments(gm.means, gm.logweights, var0)
+    return _moments_xla(gm.means, gm.logweights, var0)
 
 
 def gm_to_gaussian(gm: GM, cov_scale: float = 1.0) -> tuple[Array, Array]:
@@ -445,9 +443,21 @@ def gm_logprob(gm: GM, x: Array) -> Array:
     gm = gm.astype_compute()
     x = to_compute_dtype(x)
     c = gm.num_channels
+    if native_kernels_apply(gm.means):
+        # LSE_k(l_k - |x - mu_k|^2 / (2 s^2)) - C log s - C/2 log(2 pi), s per sample
+        logstd = gm.logstds[..., 0, 0]
+        denom, offset = 2.0 * jnp.exp(2.0 * logstd), -c * logstd - 0.5 * c * LOG_2PI
+        lse = cpu_kernels.with_reference_gradient(cpu_kernels.tilted_lse, _tilted_lse_xla)
+        return lse(gm.means, gm.logweights, x, denom, offset)
     logstd = gm.logstds[..., 0]  # [..., 1]: broadcasts over the K axis of the logits
     logits = gm.logweights[..., 0] - 0.5 * sq_distance(x, gm.means) * jnp.exp(-2.0 * logstd)
     return axis_logsumexp(logits - c * logstd, -1) - 0.5 * c * LOG_2PI
+
+
+def _tilted_lse_xla(means, logweights, point, denom, offset) -> Array:
+    """`cpu_kernels.tilted_lse` in the XLA forms (its gradients)."""
+    logits = logweights[..., 0] - sq_distance(point, means) / denom[..., None]
+    return axis_logsumexp(logits, -1) + offset
 
 
 def iso_gaussian_logprob(mean: Array, var: Array, x: Array) -> Array:
@@ -488,7 +498,7 @@ def gm_mul_iso_gaussian(
         means, logweights = product(
             gm.means, gm.logweights, mean, d[..., 0, 0], a[..., 0, 0], b[..., 0, 0]
         )
-        return GM(means, logweights[..., None], logstds)
+        return GM(means, logweights, logstds)
     m = mean[..., None, :]  # [..., 1, C]
     means = (v * gm.means + rho * s2 * m) / norm
     sq = sq_distance(mean, gm.means, keepdims=True)
@@ -498,9 +508,9 @@ def gm_mul_iso_gaussian(
 
 def _product_xla(means, logweights, point, denom, a, b) -> tuple[Array, Array]:
     """`cpu_kernels.gm_product` in the XLA forms (its gradients): d, a, b `[...]` per pixel."""
-    logits = logweights[..., 0] - sq_distance(point, means) / denom[..., None]
+    logits = logweights - sq_distance(point, means, keepdims=True) / denom[..., None, None]
     new_means = a[..., None, None] * means + b[..., None, None] * point[..., None, :]
-    return new_means, axis_log_softmax(logits, -1)
+    return new_means, axis_log_softmax(logits, -2)
 
 
 def _tilted_mean_xla(means, logweights, point, denom, a, b) -> Array:
@@ -520,8 +530,6 @@ def tilted_mean(gm: GM, point: Array, denom: Array, a: Array, b: Array) -> Array
     gm = gm.astype_compute()
     point, denom, a, b = map(to_compute_dtype, (point, denom, a, b))
     check_point(point, gm, "point")
-    lead = gm.means.shape[:-2]
-    denom, a, b = (jnp.broadcast_to(x, lead) for x in (denom, a, b))
     if native_kernels_apply(gm.means):
         mean = cpu_kernels.with_reference_gradient(cpu_kernels.tilted_mean, _tilted_mean_xla)
         return mean(gm.means, gm.logweights, point, denom, a, b)

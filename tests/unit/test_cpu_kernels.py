@@ -105,6 +105,38 @@ def test_variance_is_centred_where_the_one_pass_form_cancels():
 
 
 @pytest.mark.parametrize("batch", SHAPES)
+def test_logprob_matches_float64(batch):
+    rng = np.random.default_rng(8)
+    means, lw, ls = _gm32(rng, batch)
+    x = (1.5 * rng.normal(size=batch + (4,))).astype(np.float32)
+    out = _kernel(lambda a, b, s, y: G.gm_logprob(G.GM(a, b, s), y), means, lw, ls, x)
+    m64, ls64 = means.astype(np.float64), ls.astype(np.float64)[..., 0]
+    sq = np.sum((m64 - x.astype(np.float64)[..., None, :]) ** 2, -1)
+    logits = lw[..., 0].astype(np.float64) - 0.5 * sq * np.exp(-2.0 * ls64)
+    ref = logsumexp(logits, axis=-1) - 4 * ls64[..., 0] - 2.0 * np.log(2.0 * np.pi)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_per_pixel_and_scalar_coefficients():
+    # d, a, b per pixel (no leading-block form: broadcast to the pixels) and as plain scalars
+    rng = np.random.default_rng(9)
+    means, lw, ls = _gm32(rng, (2, 5, 6))
+    y = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
+    per_pixel = [rng.uniform(0.5, 2.0, size=(1, 5, 6)).astype(np.float32) for _ in range(3)]
+    scalars = [np.float32(1.7), np.float32(0.6), np.float32(0.3)]
+    for coeffs in (per_pixel, scalars):
+
+        def fn(a, b, s, x, d, ca, cb):
+            return G.tilted_mean(G.GM(a, b, s), x, d, ca, cb)
+
+        out = _kernel(fn, means, lw, ls, y, *coeffs)
+        with jax.enable_x64(True), cpu_kernels.forced(False):
+            args = [jnp.asarray(v, jnp.float64) for v in (means, lw, ls, y, *coeffs)]
+            ref = np.asarray(jax.jit(fn)(*args))
+        np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("batch", SHAPES)
 def test_gm_product_matches_float64(batch):
     rng = np.random.default_rng(3)
     means, lw, ls = _gm32(rng, batch)
@@ -156,13 +188,15 @@ def test_non_finite_inputs_behave_as_in_the_xla_forms():
     means, lw, ls = _gm32(rng, (1, 4, 5))
     lw[0, 0, 0, 3, 0] = -np.inf  # a component of weight exactly zero
     means[0, 1, 2, 5, 1] = np.nan  # one pixel with a NaN mean
+    means[0, 2, 3, 0, 0] = np.nan  # and one where the NaN logit comes first
     y = rng.normal(size=(1, 4, 5, 4)).astype(np.float32)
     y[0, 3, 4] = 1e6  # a point far from every component: logits ~ -1e12
     var = np.ones((1, 1, 1, 1), np.float32)
 
     def ops(a, b, s, x, v):
         g = G.GM(a, b, s)
-        return G.gm_mean(g), G.gm_to_iso_gaussian(g), G.gm_mul_iso_gaussian(g, x, v).logweights
+        prod = G.gm_mul_iso_gaussian(g, x, v).logweights
+        return G.gm_mean(g), G.gm_to_iso_gaussian(g), prod, G.gm_logprob(g, x)
 
     kern = _kernel(ops, means, lw, ls, y, var)
     with cpu_kernels.forced(False):
@@ -172,12 +206,16 @@ def test_non_finite_inputs_behave_as_in_the_xla_forms():
         np.testing.assert_array_equal(np.isinf(k), np.isinf(x))
         fin = np.isfinite(x)
         np.testing.assert_allclose(k[fin], x[fin], rtol=1e-5, atol=1e-5)
-    mean, (m, v), lw_out = kern
+    mean, (m, v), lw_out, logp = kern
     # the NaN reaches its channel of the mean and the pixel's variance, nothing else
     assert np.isnan(mean[0, 1, 2]).tolist() == [False, True, False, False]
-    assert np.isnan(v[0, 1, 2, 0]) and np.isfinite(np.delete(v.ravel(), 1 * 5 + 2)).all()
+    assert np.argwhere(np.isnan(v[0, ..., 0])).tolist() == [[1, 2], [2, 3]]
     assert lw_out[0, 0, 0, 3, 0] == -np.inf
     assert np.max(lw_out[0, 3, 4]) == 0.0 and np.isfinite(lw_out[0, 3, 4]).all()
+    # a NaN logit makes every log-weight of its pixel NaN (the max-shifted LSE is NaN), and its
+    # log-density; the far point's log-density is finite
+    assert np.isnan(lw_out[0, 1, 2]).all() and np.isnan(logp[0, 1, 2])
+    assert np.isfinite(logp[0, 3, 4]) and logp[0, 3, 4] < -1e11
 
 
 def test_gradients_are_those_of_the_xla_forms():
@@ -192,7 +230,13 @@ def test_gradients_are_those_of_the_xla_forms():
         m, vv = G.gm_to_iso_gaussian(g)
         prod = G.gm_mul_iso_gaussian(g, x, v)
         rt = flow.retarget_mean(g, x, jnp.full((2,), 700.0), 0.5 * x, jnp.full((2,), 300.0))
-        return jnp.sum(r * (m + G.gm_mean(prod) + rt)) + jnp.sum(vv) + jnp.sum(prod.logweights**2)
+        logp = jnp.sum(G.gm_logprob(g, 0.3 * x))
+        return (
+            jnp.sum(r * (m + G.gm_mean(prod) + rt))
+            + jnp.sum(vv)
+            + jnp.sum(prod.logweights**2)
+            + logp
+        )
 
     grads = {}
     for on in (True, False):
