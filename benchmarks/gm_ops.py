@@ -24,6 +24,8 @@ input) are timed as their own rows, and the `... excl. generator` / `... excl. F
 difference of the medians, with the op's own bytes moved. Under the table two lines give issue 15's
 check: how many rows reach 30% of the copy reference and of main-memory bandwidth, and which do not
 (the generator / FFT-inclusive rows and the compute-bound KR map are left out: `OUTSIDE_TARGET`).
+The ops that run a native CPU kernel (`gmflow_jax.cpu_kernels`, `KERNEL_OPS`) are also timed in their
+XLA forms (`cpu_kernels.forced(False)`), interleaved in the same rounds: the last column.
 
     python benchmarks/gm_ops.py            # full run (B=128, 3 rounds x 20 runs per op)
     python benchmarks/gm_ops.py --quick    # B=16, 1 round x 5 runs per op
@@ -41,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmflow_jax import flow, transport
+from gmflow_jax import cpu_kernels, flow, transport
 from gmflow_jax import gm as gmlib
 
 F32 = 4  # bytes
@@ -98,6 +100,16 @@ OUTSIDE_TARGET = {
 }
 """Rows left out of the '>= 30% of copy bandwidth' check printed under the table."""
 TARGET_FRACTION = 0.30
+
+KERNEL_OPS = ("gm_mean", "gm_to_iso_gaussian", "gm_logprob", "gm_mul_iso_gaussian", "retarget_mean")
+"""Ops with a native CPU kernel (`gmflow_jax.cpu_kernels`): also timed in their XLA forms."""
+
+
+def xla_forms_twin(fn: Callable) -> Callable:
+    """A fresh jit of the function `fn` jits, to be traced under `cpu_kernels.forced(False)` (jit
+    caches traces by function, so the twin must not share `fn`'s)."""
+    raw = fn.__wrapped__
+    return jax.jit(lambda *a: raw(*a))
 
 
 def build_ops(b: int, h: int, w: int, k: int, c: int, seed: int = 0):
@@ -228,6 +240,9 @@ def main() -> None:
     # the best round's median (the copy reference gets the same treatment)
     copy_gbs = in_place_gbs = memory_gbs = 0.0
     best = {name: float("inf") for name, *_ in ops}
+    twins = {name: xla_forms_twin(fn) for name, fn, *_ in ops if name in KERNEL_OPS}
+    best_xla = {name: float("inf") for name in twins}
+    kernels = cpu_kernels.available() and gmlib.native_kernels_apply(ops[0][2][0].means)
     for r in range(rounds):
         fresh, in_place = copy_bandwidth(n_copy, runs)
         copy_gbs, in_place_gbs = max(copy_gbs, fresh), max(in_place_gbs, in_place)
@@ -235,6 +250,9 @@ def main() -> None:
         for name, fn, fargs, _moved in ops:
             if r == 0 or best[name] < 0.5:  # ops slower than 0.5 s are timed in one round only
                 best[name] = min(best[name], time_fn(fn, fargs, runs))
+            if name in twins and kernels:
+                with cpu_kernels.forced(False):
+                    best_xla[name] = min(best_xla[name], time_fn(twins[name], fargs, runs))
     rows = [(name, best[name], moved) for name, _fn, _args, moved in ops]
     moved_of = {name: moved for name, _fn, _args, moved in ops}
     for op, part in NET_ROWS:
@@ -250,22 +268,24 @@ def main() -> None:
         f"best of {rounds} rounds of the median of {runs} runs; copy bandwidth (jitted x + 1 over "
         f"{n_copy * F32 / 1e6:.1f} MB, read + write) = {copy_gbs:.2f} GB/s with a fresh output "
         f"(the reference of '% of copy BW'), {in_place_gbs:.2f} GB/s in place (donated); "
-        f"main memory (in place over {MEMORY_COPY_MB} MB) {memory_gbs:.2f} GB/s\n"
+        f"main memory (in place over {MEMORY_COPY_MB} MB) {memory_gbs:.2f} GB/s; native CPU "
+        f"kernels {'on' if kernels else 'off: ' + cpu_kernels.unavailable_reason()}\n"
     )
     print(
         "| op | median ms | MB moved | GB/s | % of copy BW | % of in-place copy BW "
-        "| % of memory BW |"
+        "| % of memory BW | XLA forms ms |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, sec, moved in rows:
+        xla = f"{best_xla[name] * 1e3:.2f}" if best_xla.get(name, float("inf")) < 1e9 else "-"
         if sec is None:
-            print(f"| {name} | < 5% of the op (noise) | {moved / 1e6:.1f} | - | - | - | - |")
+            print(f"| {name} | < 5% of the op (noise) | {moved / 1e6:.1f} | - | - | - | - | - |")
             continue
         gbs = moved / sec / 1e9
         print(
             f"| {name} | {sec * 1e3:.2f} | {moved / 1e6:.1f} | {gbs:.2f} | "
             f"{100 * gbs / copy_gbs:.0f}% | {100 * gbs / in_place_gbs:.0f}% | "
-            f"{100 * gbs / memory_gbs:.0f}% |"
+            f"{100 * gbs / memory_gbs:.0f}% | {xla} |"
         )
     # an `excl.` row under 5% of its op (no time of its own to speak of) counts as at speed
     checked = [

@@ -84,8 +84,7 @@ V16 Exp(V16 x) {
   I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;  // 2^n for n in [-126, 128)
   y = y * (V16)bits;  // a vector cast between same-size vectors reinterprets the bits
   y = x < lo ? V16{} : y;
-  y = x > hi ? Splat(kInf) : y;
-  return x != x ? x : y;
+  return x > hi ? Splat(kInf) : y;  // NaN: r, and so y, are NaN already
 }
 
 // log(s) for s >= 1 or NaN (the clamped sums of exponentials of a log-sum-exp): s = 2^e m with
@@ -346,7 +345,7 @@ void ParallelTiles(ffi::ThreadPool& pool, int64_t num_tiles,
       job->cv.notify_all();
     }
   };
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), job->num_chunks - 1);
+  int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, job->num_chunks - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
   work();
   std::unique_lock<std::mutex> lock(job->mu);

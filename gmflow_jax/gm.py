@@ -513,27 +513,31 @@ def _product_xla(means, logweights, point, denom, a, b) -> tuple[Array, Array]:
     return new_means, axis_log_softmax(logits, -2)
 
 
-def _tilted_mean_xla(means, logweights, point, denom, a, b) -> Array:
-    """`cpu_kernels.tilted_mean` in the XLA forms: d, a, b `[...]` per pixel (or broadcasting)."""
+def _tilted_mean_xla(means, logweights, point, denom, a, b, c) -> Array:
+    """`tilted_mean` in the XLA forms: d, a, b, c broadcasting to the pixels `[...]`."""
     w = axis_softmax(logweights[..., 0] - sq_distance(point, means) / denom[..., None], -1)
-    return a[..., None] * weighted_sum(w, means) + b[..., None] * point
+    return (a[..., None] * weighted_sum(w, means) + b[..., None] * point) / c[..., None]
 
 
-def tilted_mean(gm: GM, point: Array, denom: Array, a: Array, b: Array) -> Array:
-    """a sum_k w_k mu_k + b y, w = softmax_k(l_k - |y - mu_k|^2 / d): the mean of the GM tilted
-    by an isotropic Gaussian at y (§2.5, §3.4), `[..., C]`.
+def _tilted_mean_kernel(means, logweights, point, denom, a, b, c) -> Array:
+    return cpu_kernels.tilted_mean(means, logweights, point, denom, a / c, b / c)
 
-    `point` y is `[..., C]`; `denom` d, `a` and `b` broadcast to the pixels `[...]`. The log-weights
-    need not be normalized (the softmax normalizes them).
+
+def tilted_mean(gm: GM, point: Array, denom: Array, a: Array, b: Array, c: Array) -> Array:
+    """(a sum_k w_k mu_k + b y) / c, w = softmax_k(l_k - |y - mu_k|^2 / d): the mean of the GM
+    tilted by an isotropic Gaussian at y, mapped affinely (§2.5, §3.4), `[..., C]`.
+
+    `point` y is `[..., C]`; `denom` d and `a`, `b`, `c` broadcast to the pixels `[...]`. The
+    log-weights need not be normalized (the softmax normalizes them).
     """
     check_gm(gm)
     gm = gm.astype_compute()
-    point, denom, a, b = map(to_compute_dtype, (point, denom, a, b))
+    point, denom, a, b, c = map(to_compute_dtype, (point, denom, a, b, c))
     check_point(point, gm, "point")
+    args = (gm.means, gm.logweights, point, denom, a, b, c)
     if native_kernels_apply(gm.means):
-        mean = cpu_kernels.with_reference_gradient(cpu_kernels.tilted_mean, _tilted_mean_xla)
-        return mean(gm.means, gm.logweights, point, denom, a, b)
-    return _tilted_mean_xla(gm.means, gm.logweights, point, denom, a, b)
+        return cpu_kernels.with_reference_gradient(_tilted_mean_kernel, _tilted_mean_xla)(*args)
+    return _tilted_mean_xla(*args)
 
 
 def iso_gaussian_mul_iso_gaussian(

@@ -118,16 +118,17 @@ def test_logprob_matches_float64(batch):
 
 
 def test_per_pixel_and_scalar_coefficients():
-    # d, a, b per pixel (no leading-block form: broadcast to the pixels) and as plain scalars
+    # d, a, b, c per pixel (no leading-block form: broadcast to the pixels) and as plain scalars
     rng = np.random.default_rng(9)
     means, lw, ls = _gm32(rng, (2, 5, 6))
     y = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
     per_pixel = [rng.uniform(0.5, 2.0, size=(1, 5, 6)).astype(np.float32) for _ in range(3)]
-    scalars = [np.float32(1.7), np.float32(0.6), np.float32(0.3)]
+    per_pixel.append(rng.uniform(0.5, 2.0, size=(2, 5, 6)).astype(np.float32))
+    scalars = [np.float32(1.7), np.float32(0.6), np.float32(0.3), np.float32(1.3)]
     for coeffs in (per_pixel, scalars):
 
-        def fn(a, b, s, x, d, ca, cb):
-            return G.tilted_mean(G.GM(a, b, s), x, d, ca, cb)
+        def fn(a, b, s, x, d, ca, cb, cc):
+            return G.tilted_mean(G.GM(a, b, s), x, d, ca, cb, cc)
 
         out = _kernel(fn, means, lw, ls, y, *coeffs)
         with jax.enable_x64(True), cpu_kernels.forced(False):
