@@ -66,11 +66,15 @@ void Store(float* p, V v) {
 
 // exp(x): 2^n exp(r), n = round(x / ln 2) (by the 1.5 * 2^23 trick), r = x - n ln 2 in two parts
 // (Cody-Waite), |r| <= ln(2) / 2, exp(r) by a degree-7 polynomial (relative error ~1e-7). Below
-// -87.3 (under the smallest normal result) it gives 0, above 88.7 +inf; NaN stays NaN.
+// -87.3 (under the smallest normal result) it gives 0, above 88.7 +inf; NaN stays NaN (r, and so
+// the result, are NaN). kNonPositive: the caller guarantees x <= 0 or NaN (the max-shifted
+// exponentials of a log-sum-exp), and the upper clamp is skipped.
+template <bool kNonPositive = false>
 V16 Exp(V16 x) {
   const V16 lo = Splat(-87.33654475f), hi = Splat(88.72283905f);
-  V16 xc = x < lo ? lo : (x > hi ? hi : x);  // NaN passes (comparisons are false)
-  const V16 shifter = Splat(12582912.0f);    // 1.5 * 2^23: adding it rounds to an integer
+  V16 xc = x < lo ? lo : x;
+  if (!kNonPositive) xc = xc > hi ? hi : xc;
+  const V16 shifter = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   V16 n = (xc * 1.44269504088896341f + shifter) - shifter;
   V16 r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -84,7 +88,8 @@ V16 Exp(V16 x) {
   I16 bits = (__builtin_convertvector(n, I16) + 127) << 23;  // 2^n for n in [-126, 128)
   y = y * (V16)bits;  // a vector cast between same-size vectors reinterprets the bits
   y = x < lo ? V16{} : y;
-  return x > hi ? Splat(kInf) : y;  // NaN: r, and so y, are NaN already
+  if (!kNonPositive) y = x > hi ? Splat(kInf) : y;
+  return y;
 }
 
 // log(s) for s >= 1 or NaN (the clamped sums of exponentials of a log-sum-exp): s = 2^e m with
@@ -288,7 +293,7 @@ void TiltedTiles(const Problem& pb, int64_t begin, int64_t end) {
     alignas(64) float e[kTile * K], sum[kTile];
     for (int64_t i = 0; i < kTile * K; i += 16) {
       V16 z = Load<V16>(logits + i) - Load<V16>(shift + i);
-      Store(e + i, Exp(z > 0.0f ? V16{} : z));
+      Store(e + i, Exp<true>(z > 0.0f ? V16{} : z));
     }
     for (int64_t t = 0; t < kTile; ++t) sum[t] = Sum8(Load<V8>(e + t * K))[0];
     V16 s = Load<V16>(sum);

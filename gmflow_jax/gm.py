@@ -13,7 +13,7 @@ function                               docs/math.md
 `gm_mul_iso_gaussian`                  §2.5 GM times isotropic Gaussian with powers
 `tilted_mean`                          §2.5 / §3.4 mean of a GM times an isotropic Gaussian
 `iso_gaussian_mul_iso_gaussian`        §2.6 Gaussian times Gaussian with powers (and quotient)
-`gm_sample`                            §2.8 ancestral sampling
+`gm_sample` (`_draws`, `_from_draws`)  §2.8 ancestral sampling
 =====================================  =====================================================
 
 Every function is pure, safe under `jit`, `vmap` and `grad`, and computes in float32 whatever the input
@@ -564,16 +564,32 @@ def iso_gaussian_mul_iso_gaussian(
 def gm_sample(key: Array, gm: GM, sample_shape: tuple[int, ...] = ()) -> Array:
     """Ancestral samples, shape `sample_shape + [..., C]`: k ~ Cat(w), x = mu_k + s n (§2.8).
 
-    One component index per pixel is shared by all of its channels.
+    One component index per pixel is shared by all of its channels. The random draws
+    (`gm_sample_draws`) and the rest (`gm_sample_from_draws`) are separate functions so that each
+    can be timed and tested alone; together they are this function.
     """
+    idx, noise = gm_sample_draws(key, gm, sample_shape)
+    return gm_sample_from_draws(gm, idx, noise)
+
+
+def gm_sample_draws(key: Array, gm: GM, sample_shape: tuple[int, ...] = ()) -> tuple[Array, Array]:
+    """The randomness of `gm_sample`: component indices k ~ Cat(w) `sample_shape + [...]` (int32)
+    and standard normal noise `sample_shape + [..., C]`."""
     check_gm(gm)
     gm = gm.astype_compute()
     key_k, key_n = jax.random.split(key)
-    batch = gm.means.shape[:-2]
-    out_shape = tuple(sample_shape) + batch
+    out_shape = tuple(sample_shape) + gm.means.shape[:-2]
     idx = jax.random.categorical(key_k, gm.logweights[..., 0], axis=-1, shape=out_shape)
+    noise = jax.random.normal(key_n, out_shape + gm.means.shape[-1:], gm.means.dtype)
+    return idx, noise
+
+
+def gm_sample_from_draws(gm: GM, idx: Array, noise: Array) -> Array:
+    """x = mu_k + s n for given component indices `idx [*S, ...]` and noise `[*S, ..., C]` (§2.8)."""
+    check_gm(gm)
+    gm = gm.astype_compute()
+    sample_shape = idx.shape[: idx.ndim - (gm.means.ndim - 2)]
     means = jnp.broadcast_to(gm.means, tuple(sample_shape) + gm.means.shape)
     chosen = jnp.take_along_axis(means, idx[..., None, None], axis=-2)[..., 0, :]
-    noise = jax.random.normal(key_n, chosen.shape, chosen.dtype)
     std = jnp.exp(gm.logstds[..., 0, :])
     return chosen + std * noise

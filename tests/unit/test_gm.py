@@ -168,6 +168,19 @@ def test_gm_sample_without_sample_shape_has_the_pixel_shape():
     assert x.shape == (5, 7, 2, 3, 2, 4)
 
 
+def test_gm_sample_is_its_draws_then_the_indexed_mean_plus_scaled_noise():
+    p = random_gm(np.random.default_rng(2), batch=(2, 3, 2), k=3, c=4)
+    gm, key = mkgm(*to_jax(p, jnp.float32)), jax.random.key(5)
+    idx, noise = G.gm_sample_draws(key, gm, (4,))
+    assert idx.shape == (4, 2, 3, 2) and noise.shape == (4, 2, 3, 2, 4)
+    x = np.asarray(G.gm_sample_from_draws(gm, idx, noise))
+    means, _, ls = p  # numpy oracle: x = mu[idx] + exp(log-std) n, per sample and pixel
+    chosen = np.take_along_axis(means[None], np.asarray(idx)[..., None, None], axis=-2)[..., 0, :]
+    ref = chosen + np.exp(ls[..., 0, :]) * np.asarray(noise, np.float64)
+    np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(G.gm_sample(key, gm, (4,))), x)
+
+
 # ------------------------------------------------------------------------------------------------
 # invariances (oracle 8)
 # ------------------------------------------------------------------------------------------------
