@@ -32,6 +32,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -458,53 +459,29 @@ ffi::Error TiltedMeanImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> means,
   return Run(pool, pb, TiltedTiles);
 }
 
+// The FFI signature of every kernel: XLA's intra-op thread pool, then N float32 operands and
+// M >= 1 float32 results. (A Binding only moves, and privately: each step returns a temporary.)
+using F32Buffer = ffi::Buffer<ffi::F32>;
+template <int N, int M, typename Binding>
+auto F32Signature(Binding&& binding) {
+  static_assert(M >= 1);
+  if constexpr (N > 0)
+    return F32Signature<N - 1, M>(std::move(binding).template Arg<F32Buffer>());
+  else if constexpr (M > 1)
+    return F32Signature<0, M - 1>(std::move(binding).template Ret<F32Buffer>());
+  else
+    return std::move(binding).template Ret<F32Buffer>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowGmMean, GmMeanImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+// (the signature in parentheses: its template arguments' comma would split the macro's arguments)
+#define GMFLOW_KERNEL(name, impl, operands, results) \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(                     \
+      name, impl, (F32Signature<operands, results>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())))
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowGmMoments, GmMomentsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowGmProduct, GmProductImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowTiltedLse, TiltedLseImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GmflowTiltedMean, TiltedMeanImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+GMFLOW_KERNEL(GmflowGmMean, GmMeanImpl, 2, 1);          // means, logw -> mean
+GMFLOW_KERNEL(GmflowGmMoments, GmMomentsImpl, 3, 2);    // means, logw, var0 -> mean, var
+GMFLOW_KERNEL(GmflowGmProduct, GmProductImpl, 6, 2);    // means, logw, y, d, a, b -> means, logw
+GMFLOW_KERNEL(GmflowTiltedLse, TiltedLseImpl, 5, 1);    // means, logw, y, d, offset -> lse
+GMFLOW_KERNEL(GmflowTiltedMean, TiltedMeanImpl, 6, 1);  // means, logw, y, d, a, b -> mean

@@ -61,7 +61,8 @@ def cpu_reformulations() -> bool:
     re-reads or re-computes what a reduction's consumers share. With these forms the GM operations
     run 2-3x faster than with the straightforward ones (`benchmarks/gm_ops.py`: gm_mean 2.1 -> 1.0
     ms, gm_to_iso_gaussian 4.7 -> 1.4-1.9 ms); XLA:CPU still compiles them to scalar, not vector,
-    loops (README "Performance").
+    loops (README "Performance"), so for the latent GM (K = 8, C = 4) the K-axis passes go one step
+    further, to native vectorized kernels (`native_kernels_apply`, `cpu_kernels`).
     Other backends (GPU, TPU) reduce natively and keep the straightforward lowering. The choice
     is made while tracing; `forced_forms` overrides it (tests compare both forms on the CPU).
     """
