@@ -245,6 +245,6 @@ def retarget_mean(gm_x0: GM, x_src: Array, t_src, x_tgt: Array, t_tgt) -> Array:
     sum_k w_k mu_k (`gm.tilted_mean`, one pass of the native kernel on the CPU).
     """
     gm, g_m, g_v, s2, norm = _retarget_parts(gm_x0, x_src, t_src, x_tgt, t_tgt)
-    # [B, 1, ..., 1] -> [B, 1, ...] per pixel (g_v is a scalar for scalar times)
-    g_v, s2, norm = (x[..., 0, 0] if x.ndim else x for x in (g_v, s2, norm))
+    # [B, 1, ..., 1, 1] -> [B, 1, ..., 1] against [..., 1] (g_v is a scalar for scalar times)
+    g_v, s2, norm = (x[..., 0] if x.ndim else x for x in (g_v, s2, norm))
     return tilted_mean(gm, g_m, 2.0 * norm, g_v, s2, norm)

@@ -386,12 +386,18 @@ def _mean_xla(means: Array, logweights: Array) -> Array:
     return weighted_sum(component_weights(logweights), means)
 
 
-def _moments_xla(means: Array, logweights: Array, var0: Array) -> tuple[Array, Array]:
-    """(m, sum_k w_k |mu_k - m|^2 / C + var0 `[..., 1]`) in the XLA forms: two passes, the second
-    reading the means again rather than a `[..., K, C]` centred copy."""
+def _moments_xla(means: Array, logweights: Array) -> tuple[Array, Array]:
+    """(m, sum_k w_k |mu_k - m|^2 / C) in the XLA forms: two passes, the second reading the means
+    again rather than a `[..., K, C]` centred copy."""
     w = component_weights(logweights)
     m = weighted_sum(w, means)  # bit for bit _mean_xla (the 2nd-order correction compares them)
     spread = axis_sum(w * sq_distance(m, means), -1, broadcast_back=False) / means.shape[-1]
+    return m, spread
+
+
+def _iso_xla(means: Array, logweights: Array, var0: Array) -> tuple[Array, Array]:
+    """`cpu_kernels.gm_moments` in the XLA forms (its gradients): (m, spread + var0 `[..., 1]`)."""
+    m, spread = _moments_xla(means, logweights)
     return m, (spread + var0)[..., None]
 
 
@@ -417,11 +423,14 @@ def gm_to_iso_gaussian(gm: GM) -> tuple[Array, Array]:
     """
     check_gm(gm)
     gm = gm.astype_compute()
-    var0 = jnp.exp(2.0 * gm.logstds[..., 0, 0])  # [B, 1, ..., 1]: the GM's own variance
     if native_kernels_apply(gm.means):
-        moments = cpu_kernels.with_reference_gradient(cpu_kernels.gm_moments, _moments_xla)
+        var0 = jnp.exp(2.0 * gm.logstds[..., 0, 0])  # [B, 1, ..., 1]: the GM's own variance
+        moments = cpu_kernels.with_reference_gradient(cpu_kernels.gm_moments, _iso_xla)
         return moments(gm.means, gm.logweights, var0)
-    return _moments_xla(gm.means, gm.logweights, var0)
+    # (the variance added outside `_moments_xla`: the XLA:CPU fusion of the samplers, and so their
+    # results, bit for bit as before the kernels existed)
+    m, spread = _moments_xla(gm.means, gm.logweights)
+    return m, spread[..., None] + jnp.exp(2.0 * gm.logstds[..., 0, :])
 
 
 def gm_to_gaussian(gm: GM, cov_scale: float = 1.0) -> tuple[Array, Array]:
@@ -515,26 +524,31 @@ def _product_xla(means, logweights, point, denom, a, b) -> tuple[Array, Array]:
 
 
 def _tilted_mean_xla(means, logweights, point, denom, a, b, c) -> Array:
-    """`tilted_mean` in the XLA forms: d, a, b, c broadcasting to the pixels `[...]`."""
-    w = axis_softmax(logweights[..., 0] - sq_distance(point, means) / denom[..., None], -1)
-    return (a[..., None] * weighted_sum(w, means) + b[..., None] * point) / c[..., None]
+    """`tilted_mean` in the XLA forms: d, a, b, c broadcasting to `[..., 1]`."""
+    w = axis_softmax(logweights[..., 0] - sq_distance(point, means) / denom, -1)
+    return (a * weighted_sum(w, means) + b * point) / c
 
 
 def _tilted_mean_kernel(means, logweights, point, denom, a, b, c) -> Array:
-    return cpu_kernels.tilted_mean(means, logweights, point, denom, a / c, b / c)
+    d, a, b, c = (x if x.ndim == 0 else x[..., 0] for x in (denom, a, b, c))  # per pixel
+    return cpu_kernels.tilted_mean(means, logweights, point, d, a / c, b / c)
 
 
 def tilted_mean(gm: GM, point: Array, denom: Array, a: Array, b: Array, c: Array) -> Array:
     """(a sum_k w_k mu_k + b y) / c, w = softmax_k(l_k - |y - mu_k|^2 / d): the mean of the GM
     tilted by an isotropic Gaussian at y, mapped affinely (§2.5, §3.4), `[..., C]`.
 
-    `point` y is `[..., C]`; `denom` d and `a`, `b`, `c` broadcast to the pixels `[...]`. The
+    `point` y is `[..., C]`; `denom` d and `a`, `b`, `c` are per-pixel or per-sample scalars in the
+    layout of an isotropic variance (§0.1): scalars, or arrays broadcasting to `[..., 1]`. The
     log-weights need not be normalized (the softmax normalizes them).
     """
     check_gm(gm)
     gm = gm.astype_compute()
     point, denom, a, b, c = map(to_compute_dtype, (point, denom, a, b, c))
     check_point(point, gm, "point")
+    for name, x in (("denom", denom), ("a", a), ("b", b), ("c", c)):
+        if x.ndim and x.shape[-1] != 1:
+            raise ValueError(f"{name} must broadcast to [..., 1] (trailing axis 1), got {x.shape}")
     args = (gm.means, gm.logweights, point, denom, a, b, c)
     if native_kernels_apply(gm.means):
         return cpu_kernels.with_reference_gradient(_tilted_mean_kernel, _tilted_mean_xla)(*args)

@@ -122,8 +122,8 @@ def test_per_pixel_and_scalar_coefficients():
     rng = np.random.default_rng(9)
     means, lw, ls = _gm32(rng, (2, 5, 6))
     y = rng.normal(size=(2, 5, 6, 4)).astype(np.float32)
-    per_pixel = [rng.uniform(0.5, 2.0, size=(1, 5, 6)).astype(np.float32) for _ in range(3)]
-    per_pixel.append(rng.uniform(0.5, 2.0, size=(2, 5, 6)).astype(np.float32))
+    per_pixel = [rng.uniform(0.5, 2.0, size=(1, 5, 6, 1)).astype(np.float32) for _ in range(3)]
+    per_pixel.append(rng.uniform(0.5, 2.0, size=(2, 5, 6, 1)).astype(np.float32))
     scalars = [np.float32(1.7), np.float32(0.6), np.float32(0.3), np.float32(1.3)]
     for coeffs in (per_pixel, scalars):
 
