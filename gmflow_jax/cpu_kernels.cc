@@ -6,15 +6,15 @@
 // (`benchmarks/gm_ops.py`). These kernels do each operation in one pass over the GM, in vector
 // registers, for the latent GM of the paper's models: K = 8 components, C = 4 channels (callers
 // keep the XLA forms for every other shape). The math is exactly that of the XLA forms in `gm.py`
-// and `flow.py` (same clamps, same treatment of non-finite values, the same centred two-pass
-// variance); results differ from them by float32 rounding only (docs/math.md §2.1, §2.2, §2.5,
-// §3.4; tests/unit/test_cpu_kernels.py).
+// (same clamps, same treatment of non-finite values, the same centred two-pass variance); results
+// differ from them by float32 rounding only (docs/math.md §2.1, §2.2, §2.4, §2.5, §3.4;
+// tests/unit/test_cpu_kernels.py).
 //
 // Layout: dense row-major buffers, flattened to P pixels: means [P, 8, 4], logweights [P, 8]
 // (normalized), point [P, 4]; per-sample scalars (denominators, affine coefficients, the GM's
-// variance) as S values for S equal blocks of pixels. One pixel's means are two 16-float vectors (components
-// 0-3 and 4-7, four channels each) and its weights one 8-float vector; sums over components are
-// butterfly shuffles within a vector. Weights are exponentiated 16 at a time over a tile's
+// variance) as S values for S equal blocks of pixels. One pixel's means are two 16-float vectors
+// (components 0-3 and 4-7, four channels each) and its weights one 8-float vector; sums over
+// components are butterfly shuffles within a vector. Weights are exponentiated 16 at a time over a tile's
 // contiguous [16, 8] block (exp and log are polynomials below: the C library's scalar `expf` would
 // be the bottleneck). GCC/Clang vector extensions, compiled with `-march=native`: one 512-bit
 // register per vector with AVX-512, two or four narrower ones otherwise.

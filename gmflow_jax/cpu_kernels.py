@@ -6,7 +6,7 @@ the means (moment matching, the GM x Gaussian product, the re-targeted mean) run
 machine's copy bandwidth. The kernels in `cpu_kernels.cc` do each of them in one vectorized pass
 (README "Performance", `benchmarks/gm_ops.py`), for the latent GM of the paper's models (K = 8
 components, C = 4 channels, float32); every other shape and dtype keeps the XLA forms. They are the
-CPU form of four computations:
+CPU form of five computations:
 
 =================  ==============================================================  =========================
 kernel             computes, per pixel                                             used by
@@ -14,15 +14,17 @@ kernel             computes, per pixel                                          
 `gm_mean`          sum_k exp(l_k) mu_k                                             `gm.gm_mean`
 `gm_moments`       that mean m and sum_k exp(l_k) |mu_k - m|^2 / C                 `gm.gm_to_iso_gaussian`
 `gm_product`       means a mu_k + b y, log-weights log_softmax_k(l_k - |y-mu_k|^2/d)  `gm.gm_mul_iso_gaussian`
-`tilted_mean`      that GM's mean, a sum_k softmax_k(l_k - |y-mu_k|^2/d) mu_k + b y  `flow.retarget_mean`
+`tilted_mean`      that GM's mean, a sum_k softmax_k(l_k - |y-mu_k|^2/d) mu_k + b y  `gm.tilted_mean`
 `tilted_lse`       log sum_k exp(l_k - |y - mu_k|^2 / d) + offset                  `gm.gm_logprob`
 =================  ==============================================================  =========================
 
-with the clamps and non-finite handling of the XLA forms they replace (docs/math.md §2.1, §2.2, §2.5,
-§3.4); results agree with them to float32 rounding (tests/unit/test_cpu_kernels.py).
+with the clamps and non-finite handling of the XLA forms they replace (docs/math.md §2.1, §2.2, §2.4,
+§2.5, §3.4); results agree with float64 oracles to float32 rounding (tests/unit/test_cpu_kernels.py).
+`gm.tilted_mean` is the re-targeted mean of `flow.retarget_mean`.
 
 The library is compiled from `cpu_kernels.cc` on first use with the host's C++ compiler (`$CXX`, else
-`c++`; `-O3 -march=native`) against the FFI headers jaxlib ships, into a cache folder
+`c++`; C++17 with GCC 12+ or Clang vector extensions; `-O3 -march=native`) against the FFI headers
+jaxlib ships, into a cache folder
 (`$GMFLOW_JAX_CACHE`, else `$XDG_CACHE_HOME/gmflow_jax`, else `~/.cache/gmflow_jax`) under a name
 that hashes the source, the jaxlib version, the compiler and the CPU model and flags, so a cache
 shared between machines never loads code built for another CPU. It is written to a temporary file
@@ -72,6 +74,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 """'ok': bool once a build was attempted; 'reason': why not; 'path': the loaded library."""
 _FORCED: list[bool] = []
+"""A stack set by `forced` (tests, benchmarks); empty: `gm.native_kernels_apply` decides."""
 
 
 def cache_dir() -> Path:
