@@ -190,7 +190,7 @@ struct Problem {
 
 // The tile being processed: pixels [p0, p0 + n), n <= kTile. The inputs of a partial last tile
 // are read through padded copies (zeros), so every load below is in bounds; the per-sample
-// scalars are gathered per pixel (denominators 1 past the end).
+// scalars are gathered per pixel (past the end: denominators 1, the others 0).
 struct Tile {
   const float *means, *logw, *point;
   int64_t n;
@@ -209,6 +209,7 @@ struct Tile {
       logw = Pad(logw, n * K, pad_logw, kTile * K);
       point = Pad(point, n * C, pad_point, kTile * C);
       std::fill(denom, denom + kTile, 1.0f);
+      for (float* x : {a, b, var0}) std::fill(x, x + kTile, 0.0f);
     }
     const Scalars* from[] = {&pb.denom, &pb.a, &pb.b, &pb.var0};
     float* to[] = {denom, a, b, var0};
