@@ -219,7 +219,7 @@ def test_non_finite_inputs_behave_as_in_the_xla_forms():
     assert np.isfinite(logp[0, 3, 4]) and logp[0, 3, 4] < -1e11
 
 
-def test_gradients_are_those_of_the_xla_forms():
+def test_derivatives_are_those_of_the_xla_forms():
     rng = np.random.default_rng(6)
     means, lw, ls = _gm32(rng, (2, 3, 4))
     y = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
@@ -245,6 +245,20 @@ def test_gradients_are_those_of_the_xla_forms():
             grads[on] = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(means, lw, ls, y, var)
     for a, b in zip(grads[True], grads[False], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # forward mode too: a directional derivative, against central differences in float64
+    direction = [rng.normal(size=v.shape).astype(np.float32) for v in (means, lw, ls, y, var)]
+    with cpu_kernels.forced(True):
+        _, tangent = jax.jit(lambda *p: jax.jvp(loss, p[:5], p[5:]))(
+            means, lw, ls, y, var, *direction
+        )
+    with jax.enable_x64(True), cpu_kernels.forced(False):
+        f64 = jax.jit(lambda *p: loss(*p))
+        args64 = [jnp.asarray(v, jnp.float64) for v in (means, lw, ls, y, var)]
+        h = 1e-5
+        plus = f64(*[v + h * d for v, d in zip(args64, direction, strict=True)])
+        minus = f64(*[v - h * d for v, d in zip(args64, direction, strict=True)])
+        central = float(plus - minus) / (2 * h)
+    np.testing.assert_allclose(float(tangent), central, rtol=1e-3)
 
 
 def test_vmap_and_no_retrace():
