@@ -88,8 +88,8 @@ def native_kernels_apply(means: Array) -> bool:
     """Whether the GM operations run the native CPU kernels of `cpu_kernels` for these means.
 
     The kernels are the CPU form of the K-axis passes of `gm_mean`, `gm_to_iso_gaussian`,
-    `gm_mul_iso_gaussian` and `tilted_mean` (so `flow.retarget_mean`): one vectorized pass where
-    XLA:CPU needs two or three scalar ones. They apply under `cpu_reformulations()`, to float32
+    `gm_logprob`, `gm_mul_iso_gaussian` and `tilted_mean` (so `flow.retarget_mean`): one vectorized
+    pass where XLA:CPU needs one to three scalar ones. They apply under `cpu_reformulations()`, to float32
     means `[..., 8, 4]` (the latent GM of the paper's models), once built
     (`cpu_kernels.available()`), and on a single-device CPU backend. Why the last condition: XLA's
     SPMD partitioner cannot split a custom call, so in a program over several devices (the fake CPU
@@ -396,7 +396,7 @@ def _moments_xla(means: Array, logweights: Array) -> tuple[Array, Array]:
 
 
 def _iso_xla(means: Array, logweights: Array, var0: Array) -> tuple[Array, Array]:
-    """`cpu_kernels.gm_moments` in the XLA forms (its gradients): (m, spread + var0 `[..., 1]`)."""
+    """`cpu_kernels.gm_moments` in the XLA forms (its derivatives): (m, spread + var0 `[..., 1]`)."""
     m, spread = _moments_xla(means, logweights)
     return m, (spread + var0)[..., None]
 
@@ -465,7 +465,7 @@ def gm_logprob(gm: GM, x: Array) -> Array:
 
 
 def _tilted_lse_xla(means, logweights, point, denom, offset) -> Array:
-    """`cpu_kernels.tilted_lse` in the XLA forms (its gradients)."""
+    """`cpu_kernels.tilted_lse` in the XLA forms (its derivatives)."""
     logits = logweights[..., 0] - sq_distance(point, means) / denom[..., None]
     return axis_logsumexp(logits, -1) + offset
 
@@ -517,7 +517,8 @@ def gm_mul_iso_gaussian(
 
 
 def _product_xla(means, logweights, point, denom, a, b) -> tuple[Array, Array]:
-    """`cpu_kernels.gm_product` in the XLA forms (its gradients): d, a, b `[...]` per pixel."""
+    """`cpu_kernels.gm_product` in the XLA forms (its derivatives): d, a, b broadcasting to the
+    pixels `[...]`."""
     logits = logweights - sq_distance(point, means, keepdims=True) / denom[..., None, None]
     new_means = a[..., None, None] * means + b[..., None, None] * point[..., None, :]
     return new_means, axis_log_softmax(logits, -2)
@@ -603,7 +604,13 @@ def gm_sample_from_draws(gm: GM, idx: Array, noise: Array) -> Array:
     """x = mu_k + s n for given component indices `idx [*S, ...]` and noise `[*S, ..., C]` (§2.8)."""
     check_gm(gm)
     gm = gm.astype_compute()
-    sample_shape = idx.shape[: idx.ndim - (gm.means.ndim - 2)]
+    pixels = gm.means.shape[:-2]
+    sample_shape = idx.shape[: idx.ndim - len(pixels)]
+    if idx.shape[len(sample_shape) :] != pixels or noise.shape != idx.shape + gm.means.shape[-1:]:
+        raise ValueError(
+            f"idx {idx.shape} must be [*S, ...] over the GM's pixels {pixels} and noise "
+            f"{noise.shape} must be idx's shape + (C,) = {idx.shape + gm.means.shape[-1:]}"
+        )
     means = jnp.broadcast_to(gm.means, tuple(sample_shape) + gm.means.shape)
     chosen = jnp.take_along_axis(means, idx[..., None, None], axis=-2)[..., 0, :]
     std = jnp.exp(gm.logstds[..., 0, :])

@@ -179,6 +179,10 @@ def test_gm_sample_is_its_draws_then_the_indexed_mean_plus_scaled_noise():
     ref = chosen + np.exp(ls[..., 0, :]) * np.asarray(noise, np.float64)
     np.testing.assert_allclose(x, ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(G.gm_sample(key, gm, (4,))), x)
+    with pytest.raises(ValueError, match="noise"):
+        G.gm_sample_from_draws(gm, idx, noise[..., :3])
+    with pytest.raises(ValueError, match="idx"):
+        G.gm_sample_from_draws(gm, idx[..., :1], noise[..., :1, :])
 
 
 # ------------------------------------------------------------------------------------------------
